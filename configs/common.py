@@ -1,0 +1,91 @@
+"""Building blocks shared by the method configs: the base config and variant handling.
+
+Configs hold values only. A method config starts from `base_config()`, sets `config.method`, then
+applies the variant's overrides; `locked()` makes a misspelt key (in a file or on the command line
+as `--config.optim.lr=...`) an error.
+"""
+
+import ml_collections
+
+IMAGENET = dict(source="imagenet2012", data_dir="", folder="", split="train")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The MoCo-v2 ImageNet recipe's shared parts (ResNet-50, 200 epochs, batch 256)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 256
+  # Durations: exactly one of total_epochs / total_steps is > 0 (resolved in train.py).
+  c.total_epochs = 200.0
+  c.total_steps = 0
+
+  c.model = ml_collections.ConfigDict(dict(name="resnet50", zero_init_residual=False,
+                                           half_precision=False))
+  c.data = ml_collections.ConfigDict(dict(
+      **IMAGENET, image_size=224, crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True,
+      shuffle_buffer=10_000, demo_num_images=1024, prefetch=2))
+  # MoCo-v2 augmentation; pairs are (view1, view2).
+  c.augment = ml_collections.ConfigDict(dict(
+      brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_prob=(0.8, 0.8),
+      grey_prob=(0.2, 0.2), blur_prob=(0.5, 0.5), blur_sigma=(0.1, 2.0),
+      solarize_prob=(0.0, 0.0), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
+  c.optim = ml_collections.ConfigDict(dict(
+      name="sgd", lr=0.03, momentum=0.9, weight_decay=1e-4, schedule="cosine",
+      warmup_epochs=0.0, b1=0.9, b2=0.999))
+
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.nan_policy = "stop"  # stop | skip_step
+  return c
+
+
+def moco_method(**overrides) -> ml_collections.ConfigDict:
+  """MoCo-v2's method block; DenseCL/HoughCL add their own keys through `overrides`."""
+  m = dict(name="mocov2", temperature=0.2, queue_size=65536, momentum=0.999,
+           momentum_schedule="constant", dim=128, hidden=2048, bn="shuffle", bn_groups=8)
+  m.update(overrides)
+  return ml_collections.ConfigDict(m)
+
+
+def demo_overrides(c: ml_collections.ConfigDict) -> None:
+  """Embedded photos, ResNet-18 at 128 px, a few minutes on 2 CPU cores."""
+  c.model.name = "resnet18"
+  c.data.update(dict(source="demo", image_size=128, demo_num_images=2048))
+  c.batch_size = 32
+  c.total_epochs = 0.0
+  c.total_steps = 300
+  c.optim.lr = 0.03
+  c.method.queue_size = 1024
+  c.method.hidden = 512
+  c.method.bn_groups = 4
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 100
+
+
+def test_overrides(c: ml_collections.ConfigDict) -> None:
+  """Tiny: seconds per step on one CPU, 8 fake devices allowed."""
+  c.model.name = "resnet18"
+  c.data.update(dict(source="demo", image_size=64, demo_num_images=64))
+  c.batch_size = 16
+  c.total_epochs = 0.0
+  c.total_steps = 4
+  c.method.queue_size = 64
+  c.method.hidden = 64
+  c.method.dim = 16
+  c.method.bn_groups = 8
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 2
+
+
+def apply_variant(c: ml_collections.ConfigDict, arg: str | None,
+                  variants: dict) -> ml_collections.ConfigDict:
+  """Applies the named variant (None/'' = the paper's recipe) and locks the config."""
+  name = arg or "default"
+  if name not in variants:
+    raise ValueError(f"Unknown config variant {name!r}; valid variants: "
+                     f"{', '.join(sorted(variants))}.")
+  if variants[name] is not None:
+    variants[name](c)
+  c.lock()
+  return c

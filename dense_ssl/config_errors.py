@@ -1,0 +1,43 @@
+"""Turns a failed `--config.<key>=value` override into one line naming the key and the choices.
+
+ml_collections raises a bare `AttributeError: "'foo'"` from deep inside flag parsing; users need
+to know which override was wrong and what the valid keys at that level are.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+
+def load_config(spec: str) -> Any:
+  """Loads `path.py[:arg]` the way ml_collections.config_flags does."""
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--config={spec}: no such file {path!r}; configs live in configs/.")
+  module_spec = importlib.util.spec_from_file_location("_dense_ssl_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def explain(argv: list[str]) -> str | None:
+  """The first bad `--config.` override in argv, explained; None if all keys exist."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return None
+  config = load_config(spec)
+  for arg in argv:
+    if not arg.startswith("--config.") or "=" not in arg:
+      continue
+    path = arg[len("--config."):].split("=", 1)[0]
+    node, walked = config, []
+    for key in path.split("."):
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if key not in keys:
+        where = "config" + "".join(f".{k}" for k in walked)
+        return (f"--config.{path}: {where} has no key {key!r}; valid keys: "
+                f"{', '.join(sorted(keys)) or '(none: it is a value, not a group)'}.")
+      node, walked = node[key], walked + [key]
+  return None
