@@ -1,0 +1,183 @@
+"""End-to-end training: steps, sharding invariance, resume, preemption and NaN handling.
+
+Runs the real trainer on the `test` variant (ResNet-18 at 64 px on the embedded photos) over the
+8 fake CPU devices from conftest.py.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType, Mesh
+
+from dense_ssl import checkpoint, config_errors, sharding, train
+from dense_ssl import methods as methods_lib
+from dense_ssl import optim
+from dense_ssl.data import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(method="densecl", **overrides):
+  c = config_errors.load_config(f"configs/{method}.py:test")
+  c.unlock()
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  c.lock()
+  return c
+
+
+def _params(workdir):
+  _, tree = checkpoint.load_raw(workdir)
+  return tree
+
+
+def _assert_trees_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("method", ["mocov2", "densecl", "houghcl"])
+def test_train_steps_change_params_and_write_logs(method, tmp_path):
+  config = _config(method, total_steps=2)
+  state = train.run(config, str(tmp_path))
+  assert int(state.step) == 2
+  tree = _params(str(tmp_path))
+  init = train.create_state(config, methods_lib.create(config), state.tx, sharding.create_mesh())
+  changed = [not np.allclose(a, b) for a, b in
+             zip(jax.tree.leaves(init.params), jax.tree.leaves(tree["params"]))]
+  assert sum(changed) > 0.9 * len(changed)
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+  assert os.path.exists(tmp_path / "config.json")
+
+
+def _one_step(config, mesh, batch):
+  method = methods_lib.create(config)
+  total = 10
+  lr_fn = optim.learning_rate_fn(config.optim, total, 0)
+  tx = optim.create_optimizer(config.optim, lr_fn)
+  state = train.create_state(config, method, tx, mesh)
+  step = jax.jit(lambda s, b: train.train_step(
+      s, b, method=method, config=config, lr_fn=lr_fn,
+      momentum_fn=lambda _: config.method.momentum))
+  with jax.set_mesh(mesh):
+    new_state, metrics = step(state, sharding.to_global(batch, mesh))
+  return jax.device_get((new_state.params, new_state.extra, metrics))
+
+
+@pytest.mark.parametrize("method", ["mocov2", "densecl"])
+def test_one_and_eight_devices_give_the_same_step(method):
+  config = _config(method)
+  batch = next(pipeline.create_iterator(config.data, global_batch_size=config.batch_size,
+                                        grid=config.data.image_size // 32, seed=0))
+  one = Mesh(np.array(jax.devices()[:1]), ("data",), axis_types=(AxisType.Auto,))
+  p1, e1, m1 = _one_step(config, one, batch)
+  p8, e8, m8 = _one_step(config, sharding.create_mesh(), batch)
+  assert jax.device_count() == 8
+  np.testing.assert_allclose(m1["train/loss"], m8["train/loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(e1), jax.tree.leaves(e8)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+  straight = tmp_path / "straight"
+  train.run(_config(total_steps=4), str(straight))
+  resumed = tmp_path / "resumed"
+  train.run(_config(total_steps=2), str(resumed))  # stops after the step-2 checkpoint
+  # Same run, now asked to go to 4: it must continue from step 2, not restart.
+  state = train.run(_config(total_steps=4), str(resumed))
+  assert int(state.step) == 4
+  _assert_trees_equal(_params(str(straight)), _params(str(resumed)))
+
+
+def _main(workdir, *flags):
+  return [sys.executable, "-m", "dense_ssl.main", "--config=configs/densecl.py:test",
+          f"--workdir={workdir}", *flags]
+
+
+def _wait_for_checkpoint(workdir, step, proc, timeout=600):
+  path = os.path.join(workdir, "checkpoints", str(step))
+  start = time.time()
+  while not os.path.exists(path):
+    assert proc.poll() is None, proc.stdout.read()
+    assert time.time() - start < timeout
+    time.sleep(0.2)
+
+
+def test_sigkill_then_rerun_continues_bitwise(tmp_path):
+  # A constant learning rate makes the state independent of the run length, so the killed run
+  # can be given an endless schedule and killed wherever it happens to be.
+  ref = tmp_path / "ref"
+  train.run(_config(total_steps=12, checkpoint_every_steps=2, **{"optim.schedule": "constant"}),
+            str(ref))
+  work = str(tmp_path / "killed")
+  flags = ["--config.checkpoint_every_steps=2", "--config.optim.schedule=constant"]
+  proc = subprocess.Popen(_main(work, *flags, "--config.total_steps=100000"), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  _wait_for_checkpoint(work, 2, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  out = subprocess.run(_main(work, *flags, "--config.total_steps=12"), cwd=ROOT,
+                       capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Resumed from the checkpoint of step" in out.stderr
+  _assert_trees_equal(_params(str(ref)), _params(work))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path):
+  work = str(tmp_path)
+  proc = subprocess.Popen(_main(work, "--config.total_steps=100000",
+                                "--config.checkpoint_every_steps=100000"), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  log = ""
+  start = time.time()
+  while "First step" not in log:
+    line = proc.stdout.readline()
+    assert line or proc.poll() is None, log
+    log += line
+    assert time.time() - start < 600
+  proc.send_signal(signal.SIGTERM)
+  rest, _ = proc.communicate(timeout=300)
+  assert proc.returncode == train.PREEMPTED_EXIT_CODE, log + rest
+  steps = [int(d) for d in os.listdir(os.path.join(work, "checkpoints")) if d.isdigit()]
+  assert steps and max(steps) >= 1
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip_step"])
+def test_non_finite_steps_never_reach_the_checkpoint(policy, tmp_path):
+  # A huge learning rate blows the parameters up after the first update.
+  config = _config("mocov2", total_steps=4, nan_policy=policy, checkpoint_every_steps=1,
+                   log_every_steps=1, **{"optim.lr": 1e30})
+  if policy == "stop":
+    with pytest.raises(train.NonFiniteError, match=r"at step \d+; the run stopped"):
+      train.run(config, str(tmp_path))
+  else:
+    state = train.run(config, str(tmp_path))
+    assert int(state.step) == 4
+  assert checkpoint.all_finite(_params(str(tmp_path)))
+
+
+@pytest.mark.parametrize("override,expected", [
+    ({"method.name": "densecll"}, "valid choices: densecl"),
+    ({"model.name": "resnet5"}, "valid choices:"),
+    ({"batch_size": 12}, "multiple of the device count"),
+    ({"method.queue_size": 40}, "multiple of config.batch_size=16"),
+    ({"data.image_size": 72}, "multiple of 32"),
+    ({"nan_policy": "ignore"}, "valid choices: stop, skip_step"),
+])
+def test_bad_configs_fail_before_compiling(override, expected, tmp_path):
+  with pytest.raises(ValueError, match=expected):
+    train.check_config(_config(**override), jax.device_count())
