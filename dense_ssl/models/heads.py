@@ -1,0 +1,120 @@
+"""Projection heads (necks) on top of the backbone, named and initialised as the references.
+
+* `MocoNeck`: MoCo-v2's `NonLinearNeckV1` (avgpool -> fc1 -> ReLU -> fc2).
+* `DenseCLNeck`: DenseCL's neck, a global MLP branch and a dense 1x1-conv branch.
+* `MLPHead`: Linear -> BN -> ReLU -> Linear, BYOL's projector/predictor.
+
+Initialisation follows the official DenseCL/MoCo code (OpenSelfSup `_init_weights(...,
+init_linear="kaiming")`): Linear layers Kaiming-normal with fan_in and ReLU gain and zero bias.
+That code only touches Linear/BN layers, so the dense 1x1 convs keep PyTorch's default Conv2d
+init (kaiming_uniform with a=sqrt(5), bias uniform in +-1/sqrt(fan_in)).
+
+Heads compute in float32 unless a `dtype` is given: they are cheap, and the logits against a
+65536-entry queue are sensitive to rounding of the embeddings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# kaiming_normal_(mode="fan_in", nonlinearity="relu"): N(0, 2 / fan_in), untruncated.
+linear_kernel_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+# torch.nn.Conv2d.reset_parameters: kaiming_uniform_(a=sqrt(5)) = U(+-sqrt(1 / fan_in)).
+torch_conv_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
+  """PyTorch's default bias init for Linear/Conv: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / fan_in**0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+      key, shape, dtype, -bound, bound)
+
+
+def _dense(features: int, name: str, dtype: Any) -> nn.Dense:
+  return nn.Dense(features, kernel_init=linear_kernel_init, bias_init=nn.initializers.zeros,
+                  dtype=dtype, name=name)
+
+
+def _conv1x1(features: int, fan_in: int, name: str, dtype: Any) -> nn.Conv:
+  return nn.Conv(features, (1, 1), kernel_init=torch_conv_kernel_init,
+                 bias_init=torch_bias_init(fan_in), dtype=dtype, name=name)
+
+
+def _check_map(x: jax.Array, head: str) -> None:
+  if x.ndim != 4:
+    raise ValueError(f"{head} expects an NHWC feature map (N, H, W, C), got shape {x.shape}; "
+                     "pass the backbone's C5 map, not pooled features.")
+
+
+class MocoNeck(nn.Module):
+  """MoCo-v2 neck: global average pool -> `fc1` -> ReLU -> `fc2`; (N,H,W,C) -> (N, dim)."""
+
+  hidden: int
+  dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    del train  # No BatchNorm or dropout; the argument keeps the heads interchangeable.
+    _check_map(x, "MocoNeck")
+    x = jnp.mean(jnp.asarray(x, self.dtype), axis=(1, 2))
+    x = nn.relu(_dense(self.hidden, "fc1", self.dtype)(x))
+    return _dense(self.dim, "fc2", self.dtype)(x)
+
+
+class DenseCLNeck(nn.Module):
+  """DenseCL neck: a global MLP on the pooled map and a per-cell 1x1-conv MLP on the map.
+
+  Returns a dict with
+    "global": (N, dim), avgpool -> `global_fc1` -> ReLU -> `global_fc2`;
+    "dense_grid": (N, S*S, dim), `dense_conv1` -> ReLU -> `dense_conv2` per cell, row-major;
+    "dense_pooled": (N, dim), the mean of the dense grid over cells (DenseCL's `avgpooled_x2`,
+      the entry that goes into the dense queue).
+  """
+
+  hidden: int
+  dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = True) -> dict[str, jax.Array]:
+    del train  # No BatchNorm or dropout.
+    _check_map(x, "DenseCLNeck")
+    x = jnp.asarray(x, self.dtype)
+    n, _, _, c = x.shape
+    g = jnp.mean(x, axis=(1, 2))
+    g = nn.relu(_dense(self.hidden, "global_fc1", self.dtype)(g))
+    g = _dense(self.dim, "global_fc2", self.dtype)(g)
+    d = nn.relu(_conv1x1(self.hidden, c, "dense_conv1", self.dtype)(x))
+    d = _conv1x1(self.dim, self.hidden, "dense_conv2", self.dtype)(d)
+    grid = d.reshape(n, -1, self.dim)
+    return {"global": g, "dense_grid": grid, "dense_pooled": jnp.mean(grid, axis=1)}
+
+
+class MLPHead(nn.Module):
+  """Linear `fc1` -> BatchNorm `bn1` (optional) -> ReLU -> Linear `fc2` on (N, C) vectors.
+
+  BYOL's projector and predictor (and UniVIP's). BatchNorm uses PyTorch's BatchNorm1d defaults
+  (momentum 0.1 for the new statistics, eps 1e-5) and its statistics live in `batch_stats`.
+  """
+
+  hidden: int
+  dim: int
+  use_bn: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    if x.ndim != 2:
+      raise ValueError(f"MLPHead expects pooled features (N, C), got shape {x.shape}; "
+                       "average-pool a feature map over (H, W) first.")
+    x = _dense(self.hidden, "fc1", self.dtype)(jnp.asarray(x, self.dtype))
+    if self.use_bn:
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                       dtype=self.dtype, name="bn1")(x)
+    x = nn.relu(x)
+    return _dense(self.dim, "fc2", self.dtype)(x)
