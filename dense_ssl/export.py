@@ -1,0 +1,270 @@
+r"""Exports a pretrained ResNet backbone to PyTorch users' formats.
+
+    python -m dense_ssl.export --workdir=DIR --format=torchvision   # DIR/export/backbone_torchvision.pth
+    python -m dense_ssl.export --workdir=DIR --format=detectron2    # DIR/export/backbone_detectron2.pkl
+
+Options: `--step=N` exports checkpoint N instead of the latest, `--output=PATH` picks the file
+(`.pth` is written with torch.save and needs `pip install torch==2.13.0`; `.pkl` is a plain
+pickle of numpy arrays and needs nothing).
+
+torchvision format: a ResNet `state_dict` (`conv1.weight`, `bn1.running_mean`, `layer1.0.conv1.
+weight`, `layer1.0.downsample.0.weight`, ...) without `fc.*`, so
+
+    model = torchvision.models.resnet50()
+    missing, unexpected = model.load_state_dict(torch.load(path), strict=False)
+    # missing == ["fc.weight", "fc.bias"], unexpected == []
+
+The same file loads into mmdetection / mmsegmentation ResNets (`init_cfg=dict(type="Pretrained",
+checkpoint=path)`), which use torchvision's names.
+
+detectron2 format: `{"model": {name: np.ndarray}, "__author__": "dense_ssl", "matching_heuristics":
+True}` with detectron2's ResNet names, as MoCo's and DenseCL's `convert-pretrain-to-detectron2.py`
+write them: `stem.conv1.weight`, `stem.conv1.norm.{weight,bias,running_mean,running_var}`,
+`res2.0.conv1.weight`, `res2.0.conv1.norm.*`, `res2.0.shortcut.weight`, `res2.0.shortcut.norm.*`,
+... (`layerN` -> `res{N+1}`, `bnK` -> `convK.norm`, `downsample.0` -> `shortcut`, `downsample.1`
+-> `shortcut.norm`). `matching_heuristics` lets detectron2 place them under `backbone.bottom_up.`
+(FPN) or `backbone.` / `roi_heads.res5.` (C4).
+
+Fine-tuning in detectron2, as in the DenseCL paper (and MoCo's `detection/` recipe). The weights
+were trained on RGB images normalised with the ImageNet mean/std, and torchvision-style ResNets
+stride in the 3x3 conv, so every run needs
+
+    MODEL.WEIGHTS DIR/export/backbone_detectron2.pkl
+    INPUT.FORMAT RGB
+    MODEL.PIXEL_MEAN "[123.675, 116.280, 103.530]" MODEL.PIXEL_STD "[58.395, 57.120, 57.375]"
+    MODEL.RESNETS.STRIDE_IN_1X1 False
+    MODEL.RESNETS.NORM SyncBN        # BN is fine-tuned, synchronised across GPUs
+    MODEL.BACKBONE.FREEZE_AT 0       # fine-tune the stem too
+
+* VOC07+12 detection, Faster R-CNN R50-C4, 24k iterations, batch 16: MoCo's
+  `detection/configs/pascal_voc_R_50_C4_24k_moco.yaml` (base `Base-RCNN-C4-BN.yaml`: SyncBN in
+  the backbone and the res5 head `Res5ROIHeadsExtraNorm`, precise BN at test time):
+
+      python train_net.py --config-file configs/pascal_voc_R_50_C4_24k_moco.yaml --num-gpus 8 \
+          MODEL.WEIGHTS DIR/export/backbone_detectron2.pkl
+
+  (that config already sets the pixel statistics, RGB and STRIDE_IN_1X1 above).
+* COCO instance segmentation, Mask R-CNN R50-FPN, 1x schedule: detectron2's
+  `configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml` plus the overrides above and
+  `MODEL.FPN.NORM SyncBN` (MoCo/DenseCL use SyncBN in the new FPN layers too).
+
+Running statistics: flax updates the running variance with the biased batch variance where torch
+uses the unbiased one (see `dense_ssl.models.resnet`); `num_batches_tracked` is written as 0
+because BatchNorm with a momentum never reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMATS = ("torchvision", "detectron2")
+_TORCH_HINT = "pip install torch==2.13.0"
+
+# Submodules of a block, in torchvision's state_dict order, and their torchvision names.
+_BLOCK_LAYERS = (("conv1", "conv1"), ("bn1", "bn1"), ("conv2", "conv2"), ("bn2", "bn2"),
+                 ("conv3", "conv3"), ("bn3", "bn3"), ("downsample_conv", "downsample.0"),
+                 ("downsample_bn", "downsample.1"))
+_BLOCK_NAME = re.compile(r"layer([1-4])_(\d+)")
+
+
+def _layers(params: dict) -> list[tuple[tuple[str, ...], str]]:
+  """(flax path, torchvision module name) of every conv/BN, in torchvision's order."""
+  unknown = [k for k in params if k not in ("conv1", "bn1") and not _BLOCK_NAME.fullmatch(k)]
+  if unknown or "conv1" not in params:
+    raise ValueError(
+        f"These params do not look like a dense_ssl ResNet (top-level keys {sorted(params)}); "
+        "pass the backbone's own trees, e.g. state.params['backbone'], not the whole state.")
+  out = [(("conv1",), "conv1"), (("bn1",), "bn1")]
+  blocks = sorted((k for k in params if k.startswith("layer")),
+                  key=lambda k: tuple(int(g) for g in _BLOCK_NAME.fullmatch(k).groups()))
+  known = {flax_name for flax_name, _ in _BLOCK_LAYERS}
+  for block in blocks:
+    extra = set(params[block]) - known
+    if extra:
+      raise ValueError(f"Unexpected layers {sorted(extra)} in ResNet block {block!r}; "
+                       "only torchvision's BasicBlock/Bottleneck layers can be exported.")
+    stage, index = _BLOCK_NAME.fullmatch(block).groups()
+    out += [((block, sub), f"layer{stage}.{index}.{torch_sub}")
+            for sub, torch_sub in _BLOCK_LAYERS if sub in params[block]]
+  return out
+
+
+def _get(tree: dict, path: tuple[str, ...], what: str) -> dict:
+  for key in path:
+    if key not in tree:
+      raise ValueError(f"{what} has no entry {'/'.join(path)}; pass the backbone's params and "
+                       "batch_stats from the same model (state.batch_stats[...]['backbone']).")
+    tree = tree[key]
+  return tree
+
+
+def _float32(x: Any) -> np.ndarray:
+  # Plain float32 numpy: no jax arrays or ml_dtypes bfloat16 in a file read by torch/detectron2.
+  return np.asarray(jax.device_get(x), dtype=np.float32)
+
+
+def to_torchvision(params: dict, batch_stats: dict) -> dict[str, np.ndarray]:
+  """The ResNet's flax variables as a torchvision ResNet state_dict (numpy, no `fc.*`).
+
+  Args:
+    params: the backbone module's own `params` tree (`conv1`, `bn1`, `layer1_0`, ...).
+    batch_stats: the backbone module's own `batch_stats` tree (running mean/var).
+
+  Returns an ordered dict in torchvision's state_dict order: conv kernels (kh, kw, in, out)
+  become `weight` (out, in, kh, kw); BN scale/bias/mean/var become weight/bias/running_mean/
+  running_var, plus `num_batches_tracked` (int64 0).
+  """
+  state = {}
+  for path, name in _layers(params):
+    p = _get(params, path, "params")
+    if "kernel" in p:
+      state[f"{name}.weight"] = np.ascontiguousarray(_float32(p["kernel"]).transpose(3, 2, 0, 1))
+      continue
+    s = _get(batch_stats, path, "batch_stats")
+    state[f"{name}.weight"] = _float32(p["scale"])
+    state[f"{name}.bias"] = _float32(p["bias"])
+    state[f"{name}.running_mean"] = _float32(s["mean"])
+    state[f"{name}.running_var"] = _float32(s["var"])
+    state[f"{name}.num_batches_tracked"] = np.array(0, dtype=np.int64)
+  return state
+
+
+def detectron2_name(torchvision_name: str) -> str:
+  """torchvision ResNet name -> detectron2 ResNet name (MoCo's conversion rules)."""
+  name = torchvision_name
+  match = re.match(r"layer(\d)\.", name)
+  if match:
+    name = f"res{int(match.group(1)) + 1}." + name[match.end():]
+  else:
+    name = "stem." + name
+  name = re.sub(r"(^|\.)bn(\d)\.", r"\1conv\2.norm.", name)
+  name = name.replace("downsample.0.", "shortcut.").replace("downsample.1.", "shortcut.norm.")
+  return name
+
+
+def to_detectron2(params: dict, batch_stats: dict) -> dict[str, Any]:
+  """The ResNet's flax variables as a detectron2 checkpoint dict (see the module docstring)."""
+  model = {detectron2_name(k): v for k, v in to_torchvision(params, batch_stats).items()}
+  return {"model": model, "__author__": "dense_ssl", "matching_heuristics": True}
+
+
+def check_backbone(model_name: str, params: dict, batch_stats: dict) -> None:
+  """Raises if the trees are not exactly those of `models.get_backbone(model_name)`."""
+  from dense_ssl import models  # Keeps `import dense_ssl.export` light for the converters.
+
+  module = models.get_backbone(model_name)
+  expected = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
+                                                train=False))
+  for what, tree in (("params", params), ("batch_stats", batch_stats)):
+    want = jax.tree_util.tree_flatten_with_path(jax.tree.map(np.shape, expected[what]))[0]
+    got = jax.tree_util.tree_flatten_with_path(jax.tree.map(np.shape, tree))[0]
+    if dict(want) != dict(got):
+      missing = sorted(jax.tree_util.keystr(k) for k in set(dict(want)) - set(dict(got)))[:3]
+      extra = sorted(jax.tree_util.keystr(k) for k in set(dict(got)) - set(dict(want)))[:3]
+      raise ValueError(f"The checkpoint's backbone {what} do not match {model_name!r} "
+                       f"(missing e.g. {missing}, unexpected e.g. {extra}, or other shapes); "
+                       "check config.model.name of the run.")
+
+
+def _torch_tensors(obj: Any) -> Any:
+  import torch  # Only called after the import was checked.
+
+  if isinstance(obj, dict):
+    return {k: _torch_tensors(v) for k, v in obj.items()}
+  if isinstance(obj, np.ndarray):
+    return torch.from_numpy(np.array(obj))  # A writable copy, so torch does not warn.
+  return obj
+
+
+def save(obj: dict, path: str, format: str | None = None) -> None:  # pylint: disable=redefined-builtin
+  """Writes `obj` (from `to_torchvision` / `to_detectron2`) as `.pth` (torch.save) or `.pkl`.
+
+  Args:
+    obj: a dict whose array leaves are numpy arrays.
+    path: destination; its directory is created.
+    format: "pth" or "pkl"; by default the extension of `path`.
+  """
+  format = format or os.path.splitext(path)[1].lstrip(".")
+  if format not in ("pth", "pkl"):
+    raise ValueError(f"Unknown file format {format!r} for {path!r}; use a .pth (torch.save) or "
+                     ".pkl (pickle) path, or pass format='pth'|'pkl'.")
+  if format == "pth":
+    try:
+      import torch
+    except ImportError as e:
+      raise ImportError(f"Writing {path} needs PyTorch: {_TORCH_HINT} "
+                        "(or write a .pkl, which needs nothing).") from e
+    obj = _torch_tensors(obj)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  if format == "pth":
+    torch.save(obj, path)
+  else:
+    with open(path, "wb") as f:
+      pickle.dump(obj, f)
+
+
+def _check_format(format: str) -> None:  # pylint: disable=redefined-builtin
+  if format not in FORMATS:
+    raise ValueError(f"Unknown export format {format!r}; valid formats: {', '.join(FORMATS)}.")
+
+
+def default_output(workdir: str, format: str) -> str:  # pylint: disable=redefined-builtin
+  """<workdir>/export/backbone_<format>.pth (torchvision) or .pkl (detectron2)."""
+  ext = "pkl" if format == "detectron2" else "pth"
+  return os.path.join(workdir, "export", f"backbone_{format}.{ext}")
+
+
+def export(model_name: str, params: dict, batch_stats: dict, format: str,  # pylint: disable=redefined-builtin
+           output: str) -> str:
+  """Checks the trees against `model_name`, converts them to `format`, writes `output`."""
+  _check_format(format)
+  check_backbone(model_name, params, batch_stats)
+  convert = to_torchvision if format == "torchvision" else to_detectron2
+  save(convert(params, batch_stats), output)
+  return output
+
+
+def run(workdir: str, format: str = "torchvision", output: str | None = None,  # pylint: disable=redefined-builtin
+        step: int | None = None) -> str:
+  """Exports the online backbone of the run in `workdir` (latest or `step`); returns the path."""
+  _check_format(format)
+  from dense_ssl import checkpoint  # Needs orbax; imported here so the converters do not.
+
+  model_name, params, batch_stats = checkpoint.load_backbone(workdir, step)
+  output = output or default_output(workdir, format)
+  export(model_name, params, batch_stats, format, output)
+  logging.info("Wrote the %s backbone in %s format to %s.", model_name, format, output)
+  return output
+
+
+def _define_flags() -> None:
+  # Defined only when run as a program, so importing this module (e.g. from train.py, whose
+  # entrypoint has its own --workdir) never clashes with other flag definitions.
+  flags.DEFINE_string("workdir", None, "Training run directory (holds the checkpoints).",
+                      required=True)
+  flags.DEFINE_enum("format", "torchvision", list(FORMATS), "Output layout.")
+  flags.DEFINE_string("output", None, "Output file (.pth or .pkl); default "
+                      "<workdir>/export/backbone_<format>.pth|.pkl.")
+  flags.DEFINE_integer("step", None, "Checkpoint step to export; default the latest.")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}.")
+  f = flags.FLAGS
+  print(run(f.workdir, f.format, f.output, f.step))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
