@@ -1,0 +1,148 @@
+"""Tests for dense_ssl.losses against float64 numpy formulas and structural properties."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dense_ssl import losses
+
+
+def _unit(rng, *shape):
+  x = rng.normal(size=shape)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _np_info_nce(q, k, queue, t):
+  logits = np.concatenate([np.sum(q * k, 1, keepdims=True), q @ queue.T], 1) / t
+  mx = logits.max(1)
+  return np.mean(mx + np.log(np.exp(logits - mx[:, None]).sum(1)) - logits[:, 0])
+
+
+def _case(rows=24, size=20, dim=8, seed=0):
+  rng = np.random.default_rng(seed)
+  return _unit(rng, rows, dim), _unit(rng, rows, dim), _unit(rng, size, dim)
+
+
+def test_info_nce_queue_matches_the_float64_formula_and_returns_scaled_logits():
+  q, k, queue = _case()
+  loss, logits = losses.info_nce_queue(*(jnp.asarray(x, jnp.float32) for x in (q, k, queue)),
+                                       0.2, return_logits=True)
+  np.testing.assert_allclose(loss, _np_info_nce(q, k, queue, 0.2), rtol=1e-6)
+  assert logits.shape == (24, 21)
+  np.testing.assert_allclose(logits[:, 0], np.sum(q * k, 1) / 0.2, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(logits[:, 1:], q @ queue.T / 0.2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 7, 64])  # many chunks, a divisor, a remainder, one
+def test_dense_info_nce_equals_the_plain_loss_in_value_and_gradient(chunk):
+  q, k, queue = (jnp.asarray(x, jnp.float32) for x in _case())
+  plain = lambda *a: losses.info_nce_queue(*a, 0.2)
+  light = jax.jit(lambda *a: losses.dense_info_nce(*a, 0.2, chunk))
+  np.testing.assert_allclose(light(q, k, queue), plain(q, k, queue), rtol=1e-6)
+  g_plain = jax.grad(plain, argnums=(0, 1, 2))(q, k, queue)
+  g_light = jax.jit(jax.grad(light, argnums=(0, 1, 2)))(q, k, queue)
+  for a, b in zip(g_light, g_plain):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_dense_info_nce_scales_the_incoming_cotangent():
+  q, k, queue = (jnp.asarray(x, jnp.float32) for x in _case())
+  g1 = jax.grad(lambda x: losses.dense_info_nce(x, k, queue, 0.2, 6))(q)
+  g3 = jax.grad(lambda x: 3.0 * losses.dense_info_nce(x, k, queue, 0.2, 6))(q)
+  np.testing.assert_allclose(g3, 3.0 * g1, rtol=1e-5, atol=1e-7)
+
+
+def _all_shapes(jaxpr):
+  for eqn in jaxpr.eqns:
+    for var in eqn.outvars:
+      yield tuple(getattr(var.aval, "shape", ()))
+    for param in eqn.params.values():
+      subs = param if isinstance(param, (list, tuple)) else [param]
+      for sub in subs:
+        inner = getattr(sub, "jaxpr", None)
+        if inner is not None:
+          yield from _all_shapes(getattr(inner, "jaxpr", inner))
+
+
+def test_dense_info_nce_never_materialises_the_full_logits():
+  rows, size, chunk, dim = 40, 96, 16, 8
+  q, k, queue = (jnp.asarray(x, jnp.float32) for x in _case(rows, size, dim))
+  fn = jax.value_and_grad(lambda x: losses.dense_info_nce(x, k, queue, 0.2, chunk))
+  biggest = max(int(np.prod(s)) for s in _all_shapes(jax.make_jaxpr(fn)(q).jaxpr))
+  # Chunk logits (R, c), the queue and its gradient (K, D), the rows (R, D): never (R, K).
+  assert biggest <= max(rows * chunk, size * dim, rows * dim) < rows * size
+  plain = jax.value_and_grad(lambda x: losses.info_nce_queue(x, k, queue, 0.2))
+  assert max(int(np.prod(s)) for s in _all_shapes(jax.make_jaxpr(plain)(q).jaxpr)) >= rows * size
+
+
+def test_dense_info_nce_rejects_mismatched_shapes():
+  q, k, queue = (jnp.asarray(x, jnp.float32) for x in _case())
+  with pytest.raises(ValueError, match="queue"):
+    losses.dense_info_nce(q, k[:3], queue, 0.2, 4)
+
+
+def test_cosine_terms():
+  rng = np.random.default_rng(1)
+  p, z = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+  cos = np.sum(p * z, 1) / np.linalg.norm(p, axis=1) / np.linalg.norm(z, axis=1)
+  np.testing.assert_allclose(losses.negative_cosine(p, z), -cos.mean(), rtol=1e-5)
+  np.testing.assert_allclose(losses.byol_regression(p, z), np.mean(2 - 2 * cos), rtol=1e-5)
+  # Scale invariance, and -1 for aligned vectors.
+  np.testing.assert_allclose(losses.negative_cosine(3 * p, 0.5 * z), -cos.mean(), rtol=1e-5)
+  assert float(losses.negative_cosine(p, 2 * p)) == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_ot_instance_loss_uses_the_plan_as_a_constant():
+  rng = np.random.default_rng(2)
+  o, t = (jnp.asarray(rng.normal(size=(3, 4, 6)), jnp.float32) for _ in range(2))
+  row = jax.nn.softmax(jnp.asarray(rng.normal(size=(3, 4)), jnp.float32))
+  col = jax.nn.softmax(jnp.asarray(rng.normal(size=(3, 4)), jnp.float32))
+  loss, aux = losses.ot_instance_loss(o, t, row, col, eps=0.1, n_iter=50)
+  np.testing.assert_allclose(aux["plan"].sum(1), col, rtol=1e-5)
+  np.testing.assert_allclose(loss, -jnp.mean(jnp.sum(aux["plan"] * aux["cos_ot"], (1, 2))),
+                             rtol=1e-6)
+  # Gradient: exactly that of -Σ P·cos with P frozen.
+  plan = aux["plan"]
+  frozen = lambda x: -jnp.mean(jnp.sum(plan * losses.ot_instance_loss(x, t, row, col)[1][
+      "cos_ot"], (1, 2)))
+  np.testing.assert_allclose(jax.grad(lambda x: losses.ot_instance_loss(x, t, row, col)[0])(o),
+                             jax.grad(frozen)(o), rtol=1e-5, atol=1e-7)
+  byol, _ = losses.ot_instance_loss(o, t, row, col, byol_form=True)
+  np.testing.assert_allclose(byol, 2 + 2 * loss, rtol=1e-5)  # Σ P = 1
+
+
+def test_moco_v3_contrastive_is_cross_entropy_times_2t():
+  rng = np.random.default_rng(3)
+  q, k = rng.normal(size=(5, 7)), rng.normal(size=(5, 7))
+  qn, kn = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (q, k))
+  logits = qn @ kn.T / 0.2
+  mx = logits.max(1)
+  ce = np.mean(mx + np.log(np.exp(logits - mx[:, None]).sum(1)) - np.diag(logits))
+  np.testing.assert_allclose(losses.moco_v3_contrastive(q, k, 0.2), ce * 0.4, rtol=1e-5)
+
+
+def test_bce_with_logits_mean():
+  rng = np.random.default_rng(4)
+  x, y = rng.normal(size=(3, 5)) * 4, rng.integers(0, 2, size=(3, 5))
+  expected = np.mean(np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x))))
+  np.testing.assert_allclose(losses.bce_with_logits_mean(x, y), expected, rtol=1e-5)
+
+
+def test_patch_info_nce_pools_over_masked_positions_only():
+  rng = np.random.default_rng(5)
+  s, t = (jnp.asarray(rng.normal(size=(2, 6, 4)), jnp.float32) for _ in range(2))
+  mask = jnp.asarray([[1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]], bool)
+  loss, aux = losses.patch_info_nce(s, t, mask, 0.1)
+  ce = np.asarray(aux["ce"])
+  pooled = ce[np.asarray(mask)].mean()
+  per_image = np.mean([ce[n][np.asarray(mask[n])].mean() for n in range(2)])
+  np.testing.assert_allclose(loss, pooled, rtol=1e-6)
+  assert abs(pooled - per_image) > 1e-4  # the two reductions differ for unequal counts
+  # The student's unmasked tokens do not enter the loss; the teacher's (negatives) do.
+  g_s = jax.grad(lambda x: losses.patch_info_nce(x, t, mask, 0.1)[0])(s)
+  np.testing.assert_array_equal(np.asarray(g_s)[~np.asarray(mask)], 0.0)
+  g_t = jax.grad(lambda x: losses.patch_info_nce(s, x, mask, 0.1)[0])(t)
+  assert np.all(np.abs(np.asarray(g_t)[~np.asarray(mask)]).sum(-1) > 0)
