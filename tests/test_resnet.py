@@ -170,4 +170,4 @@ def test_rejects_nchw_and_unknown_names():
     models.get_backbone("resnet152")
   with pytest.raises(ValueError, match="valid names"):
     models.num_features("vgg16")
-  assert models.names() == sorted(resnet.VARIANTS)
+  assert set(resnet.VARIANTS) <= set(models.names())

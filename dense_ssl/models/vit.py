@@ -1,0 +1,171 @@
+"""A Vision Transformer for token-level SSL methods (DILEMMA, ConMIM, MoCo v3).
+
+The token pipeline exposes the three corruptions those methods need:
+
+    patches  = patch_embed(image)                              (N, L, D), row-major cells
+    patches  = where(mask, mask_token, patches)                ConMIM: `mask` (N, L) bool
+    content  = patches[keep_idx]                               token dropping: `keep_idx` (N, K)
+    tokens   = content + pos_embed[pos_idx]                    DILEMMA: `pos_idx` (N, K), which
+                                                               may differ from `keep_idx`
+    tokens   = [cls_token, tokens]                             cls gets no positional embedding
+    output   = norm(blocks(tokens))                            (N, 1 + K, D)
+
+The cls token gets no positional embedding and `pos_embed` has shape (1, L, D), as timm's
+`no_embed_class=True`, which DILEMMA relies on: every positional embedding belongs to a patch
+position, so a token can be given another position's embedding.
+
+Blocks are timm's pre-norm blocks (LayerNorm eps 1e-6, exact GELU, qkv with bias), optionally
+with LayerScale (ConMIM/BEiT use 0.1). Initialisation follows timm: Linear layers normal std
+0.02 (timm's trunc_normal_ with absolute bounds +-2) with zero bias, pos_embed and mask_token
+the same, cls_token normal std 1e-6, the patch embedding PyTorch's default Conv2d init.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dense_ssl.models import heads
+
+# timm's trunc_normal_(std=.02) truncates at the absolute values +-2, i.e. at 100 standard
+# deviations: in effect a plain normal (jax's truncated_normal would cut at 2 std).
+_normal_002 = nn.initializers.normal(stddev=0.02)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+  num_heads: int
+  mlp_ratio: float = 4.0
+  layer_scale: float | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+
+    def scaled(y, name):
+      if self.layer_scale is None:
+        return y
+      gamma = self.param(name, nn.initializers.constant(self.layer_scale), (width,))
+      return y * gamma.astype(y.dtype)
+
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
+    y = nn.MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
+                                        kernel_init=_normal_002, deterministic=True,
+                                        name="attn")(y, y)
+    x = x + scaled(y, "ls1")
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
+    y = nn.Dense(int(width * self.mlp_ratio), kernel_init=_normal_002, dtype=self.dtype,
+                 name="mlp_fc1")(y)
+    y = nn.gelu(y, approximate=False)  # torch.nn.GELU() is the exact erf form.
+    y = nn.Dense(width, kernel_init=_normal_002, dtype=self.dtype, name="mlp_fc2")(y)
+    return x + scaled(y, "ls2")
+
+
+class ViT(nn.Module):
+  """ViT returning every token after the final LayerNorm: (N, 1 + K, D), cls first.
+
+  Attributes:
+    patch_size: side of the square patches; the image sides must be multiples of it.
+    width: token dimension D.
+    depth: number of blocks.
+    num_heads: attention heads per block.
+    mlp_ratio: MLP hidden width / D.
+    layer_scale: initial LayerScale value, or None for no LayerScale.
+    use_mask_token: create the learned `mask_token` (needed for `mask=`).
+    dtype: computation dtype; parameters stay float32.
+  """
+
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  layer_scale: float | None = None
+  use_mask_token: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = True, *, keep_idx: jax.Array | None = None,
+               pos_idx: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
+    """Encodes images (N, H, W, 3).
+
+    Args:
+      x: normalised NHWC images.
+      train: unused (no dropout or BatchNorm); kept for the common backbone signature.
+      keep_idx: (N, K) int, the patch positions kept (token dropping), in any order; the
+        output's patch tokens follow this order. Default: all L patches in row-major order.
+      pos_idx: (N, K) int (or (N, L) without keep_idx), the position whose embedding each
+        kept token receives. Default: its own position (`keep_idx`).
+      mask: (N, L) bool, True where the patch embedding is replaced by the mask token
+        (applied before dropping). Needs `use_mask_token=True`.
+
+    Returns the tokens after the final LayerNorm, (N, 1 + K, D) in `dtype`; token 0 is cls.
+    """
+    del train
+    n, h, w, c = x.shape
+    p = self.patch_size
+    if c != 3 or h % p or w % p:
+      raise ValueError(f"ViT expects NHWC RGB images with sides divisible by the patch size "
+                       f"{p}, got {x.shape}; resize or crop to a multiple of {p}.")
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID",
+                kernel_init=heads.torch_conv_kernel_init,
+                bias_init=heads.torch_bias_init(p * p * c), dtype=self.dtype,
+                name="patch_embed")(jnp.asarray(x, self.dtype))
+    x = x.reshape(n, -1, self.width)
+    num_patches = x.shape[1]
+
+    if self.use_mask_token:
+      mask_token = self.param("mask_token", _normal_002, (1, 1, self.width))
+    if mask is not None:
+      if not self.use_mask_token:
+        raise ValueError("mask= needs a learned mask token: build the ViT with "
+                         "use_mask_token=True.")
+      _check_shape("mask", mask, (n, num_patches))
+      x = jnp.where(mask[..., None], mask_token.astype(x.dtype), x)
+
+    pos_embed = self.param("pos_embed", _normal_002, (1, num_patches, self.width))
+    if keep_idx is not None:
+      _check_shape("keep_idx", keep_idx, (n, keep_idx.shape[-1]))
+      x = jnp.take_along_axis(x, keep_idx[..., None], axis=1)
+    positions = keep_idx if pos_idx is None else pos_idx
+    if positions is None:
+      x = x + pos_embed.astype(x.dtype)
+    else:
+      _check_shape("pos_idx", positions, x.shape[:2])
+      x = x + jnp.take(pos_embed[0], positions, axis=0).astype(x.dtype)
+
+    cls = self.param("cls_token", nn.initializers.normal(stddev=1e-6), (1, 1, self.width))
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, self.width)), x], axis=1)
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_ratio, self.layer_scale, self.dtype,
+                name=f"block{i}")(x)
+    return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+
+
+def _check_shape(name: str, value: jax.Array, shape: tuple[int, ...]) -> None:
+  if tuple(value.shape) != tuple(shape):
+    raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(shape)} "
+                     "(batch, tokens); see ViT.__call__.")
+
+
+# name -> (patch_size, width, depth, num_heads). `vit_micro8` is for tests and CPU demos.
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "vit_micro8": (8, 64, 2, 2),
+    "vit_ti16": (16, 192, 12, 3),
+    "vit_s16": (16, 384, 12, 6),
+    "vit_b16": (16, 768, 12, 12),
+}
+
+
+def get(name: str, **kwargs: Any) -> ViT:
+  patch, width, depth, num_heads = VARIANTS[name]
+  return ViT(patch_size=patch, width=width, depth=depth, num_heads=num_heads, **kwargs)
+
+
+def num_features(name: str) -> int:
+  return VARIANTS[name][1]
