@@ -1,0 +1,1 @@
+"""Input pipeline: sources, host geometry (views), on-device colour augmentation."""
