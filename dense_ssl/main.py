@@ -4,6 +4,7 @@ Override any config value on the command line, e.g. `--config.optim.lr=0.1`; a m
 an error. Running the same command again resumes from the newest checkpoint in --workdir.
 """
 
+import logging as logging_std
 import os
 import sys
 
@@ -30,7 +31,15 @@ def _multi_process_environment() -> bool:
   return "," in tpu_hosts or int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Drops orbax's per-save INFO chatter (dozens of lines per checkpoint) from the console."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   # TensorFlow only feeds data: keep it off the accelerators (and their memory).

@@ -224,9 +224,19 @@ def run(config: Any, workdir: str) -> TrainState:
   logging.info("Mesh %s over %d devices in %d processes.", dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
+  # --- Input (it starts where the newest checkpoint ends) ----------------------------------
+  manager = checkpoint.create_manager(workdir, keep=config.keep_checkpoints,
+                                      every_steps=config.checkpoint_every_steps)
+  start_step = manager.latest_step() or 0
+  batches = pipeline.create_iterator(
+      config.data, global_batch_size=config.batch_size,
+      grid=config.data.image_size // MODEL_STRIDE, seed=config.seed, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
   # --- Durations, method, optimiser ----------------------------------------------------------
-  num_examples = pipeline.num_examples(config.data)
-  total_steps, steps_per_epoch, warmup_steps = resolve_steps(config, num_examples)
+  total_steps, steps_per_epoch, warmup_steps = resolve_steps(config, batches.num_examples)
+  logging.info("%d steps (%d per epoch of %d images).", total_steps, steps_per_epoch,
+               batches.num_examples)
   method = methods_lib.create(config)
   lr_fn = optim.learning_rate_fn(config.optim, total_steps, warmup_steps)
   tx = optim.create_optimizer(config.optim, lr_fn)
@@ -235,21 +245,11 @@ def run(config: Any, workdir: str) -> TrainState:
       schedule=config.method.get("momentum_schedule", "constant"))
 
   # --- State and checkpoint restore ----------------------------------------------------------
-  state = create_state(config, method, tx, mesh)
-  manager = checkpoint.create_manager(workdir, keep=config.keep_checkpoints,
-                                      every_steps=config.checkpoint_every_steps)
-  state = checkpoint.restore_latest(manager, state)
-  start_step = int(jax.device_get(state.step))
+  state = checkpoint.restore_latest(manager, create_state(config, method, tx, mesh))
   if start_step:
     logging.info("Resumed from the checkpoint of step %d in %s.", start_step, workdir)
   writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
                         if isinstance(v, (int, float, str, bool))})
-
-  # --- Input ---------------------------------------------------------------------------------
-  batches = pipeline.create_iterator(
-      config.data, global_batch_size=config.batch_size,
-      grid=config.data.image_size // MODEL_STRIDE, seed=config.seed, start_step=start_step,
-      process_index=jax.process_index(), process_count=jax.process_count())
 
   # --- The compiled step ---------------------------------------------------------------------
   step_fn = functools.partial(train_step, method=method, config=config, lr_fn=lr_fn,
