@@ -1,0 +1,184 @@
+"""Tests for dense_ssl.data.augment: each colour op does what it says, on real photos, in jit."""
+
+from __future__ import annotations
+
+import colorsys
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import ndimage
+import skimage.data
+
+from dense_ssl.data import augment
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugCfg:
+  """Stands in for config.augment (augment only reads attributes)."""
+  brightness: float = 0.4
+  contrast: float = 0.4
+  saturation: float = 0.4
+  hue: float = 0.1
+  jitter_prob: tuple[float, float] = (0.8, 0.8)
+  grey_prob: tuple[float, float] = (0.2, 0.2)
+  blur_prob: tuple[float, float] = (0.5, 0.5)
+  blur_sigma: tuple[float, float] = (0.1, 2.0)
+  solarize_prob: tuple[float, float] = (0.0, 0.0)
+  mean: tuple[float, ...] = MEAN
+  std: tuple[float, ...] = STD
+
+
+NOTHING = AugCfg(jitter_prob=(0, 0), grey_prob=(0, 0), blur_prob=(0, 0), solarize_prob=(0, 0))
+
+
+@pytest.fixture(scope="module")
+def photos() -> np.ndarray:
+  """Four real 64 x 64 RGB photographs, uint8."""
+  crops = [skimage.data.astronaut()[::8, ::8], skimage.data.chelsea()[40:296:4, 100:356:4],
+           skimage.data.coffee()[:384:6, 100:484:6], skimage.data.rocket()[::6, 200:584:6]]
+  return np.stack([c[:64, :64] for c in crops])
+
+
+def _batch(photos):
+  return {"view1": photos, "view2": photos[::-1].copy(), "coords1": np.zeros((4, 2, 2, 2))}
+
+
+def _augment(cfg, photos, key=0, dtype=jnp.float32):
+  fn = jax.jit(lambda rng, batch: augment.augment_batch(rng, batch, cfg, dtype))
+  return jax.tree.map(np.asarray, fn(jax.random.key(key), _batch(photos)))
+
+
+def _unit(images):
+  """Normalised images back to [0, 1]."""
+  return np.asarray(images, np.float32) * np.array(STD) + np.array(MEAN)
+
+
+def test_per_view_presets_identity_and_grey_then_solarize(photos):
+  # view1: every probability 0, so only normalisation; view2: grey, then solarize, always.
+  cfg = dataclasses.replace(NOTHING, grey_prob=(0.0, 1.0), solarize_prob=(0.0, 1.0))
+  out = _augment(cfg, photos)
+  expected = jax.jit(lambda x: augment.normalize(x, cfg))(photos)
+  np.testing.assert_allclose(out["view1"], expected, atol=1e-6)
+  np.testing.assert_allclose(_unit(out["view1"]), photos / 255.0, atol=1e-6)
+  np.testing.assert_array_equal(out["coords1"], 0)  # other keys pass through
+
+  grey = _unit(out["view2"])
+  # ITU-R 601 luma, replicated to all channels, then pixels >= 0.5 inverted.
+  np.testing.assert_allclose(grey[..., 0], grey[..., 1], atol=1e-5)
+  np.testing.assert_allclose(grey[..., 0], grey[..., 2], atol=1e-5)
+  luma = photos[::-1].astype(np.float64) @ np.array([0.299, 0.587, 0.114]) / 255.0
+  np.testing.assert_allclose(grey[..., 0], np.where(luma < 0.5, luma, 1 - luma), atol=1e-5)
+  assert (luma >= 0.5).mean() > 0.1  # the photos do have bright pixels to invert
+
+
+def test_blur_kernel_size_is_ten_percent_odd():
+  assert augment.blur_kernel_size(224) == 23
+  assert augment.blur_kernel_size(64) == 7
+  assert augment.blur_kernel_size(16) == 3
+
+
+def test_gaussian_blur_matches_scipy_and_removes_high_frequencies(photos):
+  image = photos[0] / 255.0
+  blur = jax.jit(augment.gaussian_blur, static_argnums=2)
+  sigma, size = 1.5, 7
+  ours = np.asarray(blur(jnp.asarray(image, jnp.float32), sigma, size))
+  # scipy 'mirror' = reflect without repeating the edge, as jnp.pad(mode='reflect').
+  reference = ndimage.gaussian_filter(image, sigma=(sigma, sigma, 0), mode="mirror",
+                                      truncate=(size // 2) / sigma)
+  np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+  def high_frequency_energy(x):
+    return np.mean(np.diff(x, axis=0) ** 2) + np.mean(np.diff(x, axis=1) ** 2)
+
+  energies = [high_frequency_energy(np.asarray(blur(jnp.asarray(image, jnp.float32), s, 7)))
+              for s in (0.1, 0.5, 1.0, 2.0)]
+  assert energies[0] == pytest.approx(high_frequency_energy(image), rel=1e-4)  # ~identity
+  assert all(a > b for a, b in zip(energies, energies[1:]))
+  assert energies[-1] < 0.3 * energies[0]
+
+
+def test_colour_adjustments_keep_what_they_should(photos):
+  x = jnp.asarray(photos[1] / 255.0, jnp.float32)
+  luma = lambda im: np.asarray(augment.grayscale(im))[..., 0]
+
+  bright = np.asarray(jax.jit(augment.adjust_brightness)(x, 0.5))
+  np.testing.assert_allclose(bright, np.asarray(x) * 0.5, atol=1e-6)
+
+  low_contrast = jax.jit(augment.adjust_contrast)(x, 0.5)
+  assert luma(low_contrast).mean() == pytest.approx(luma(x).mean(), abs=1e-5)
+  assert luma(low_contrast).std() == pytest.approx(0.5 * luma(x).std(), rel=1e-4)
+
+  desaturated = jax.jit(augment.adjust_saturation)(x, 0.5)
+  np.testing.assert_allclose(luma(desaturated), luma(x), atol=1e-5)  # luma unchanged
+  no_colour = np.asarray(jax.jit(augment.adjust_saturation)(x, 0.0))
+  np.testing.assert_allclose(no_colour[..., 0], no_colour[..., 2], atol=1e-6)
+
+  shifted = np.asarray(jax.jit(augment.adjust_hue)(x, 0.1))
+  # A hue rotation keeps each pixel's value (max) and chroma (max - min).
+  np.testing.assert_allclose(shifted.max(-1), np.asarray(x).max(-1), atol=1e-5)
+  np.testing.assert_allclose(shifted.max(-1) - shifted.min(-1),
+                             np.asarray(x).max(-1) - np.asarray(x).min(-1), atol=1e-5)
+  assert np.abs(shifted - np.asarray(x)).mean() > 0.01
+  red = jnp.asarray([[[1.0, 0.0, 0.0]]])
+  np.testing.assert_allclose(augment.adjust_hue(red, 1 / 3), [[[0.0, 1.0, 0.0]]], atol=1e-6)
+
+
+def test_hsv_conversion_matches_colorsys():
+  rgb = np.random.default_rng(0).random((500, 3)).astype(np.float32)
+  rgb[:10] = rgb[:10, :1]  # greys, where hue is undefined
+  hsv = np.asarray(jax.jit(augment.rgb_to_hsv)(rgb))
+  np.testing.assert_allclose(hsv, [colorsys.rgb_to_hsv(*p) for p in rgb], atol=1e-6)
+  np.testing.assert_allclose(jax.jit(augment.hsv_to_rgb)(hsv), rgb, atol=1e-6)
+
+
+def test_brightness_jitter_scales_each_example_by_one_factor(photos):
+  preset = augment.view_preset(
+      AugCfg(contrast=0.0, saturation=0.0, hue=0.0, jitter_prob=(1, 1), grey_prob=(0, 0),
+             blur_prob=(0, 0)), 0)
+  keys = jax.random.split(jax.random.key(3), 4)
+  x = jnp.asarray(photos / 255.0, jnp.float32)
+  out = np.asarray(jax.jit(jax.vmap(augment.color_jitter, (0, 0, None)), static_argnums=2)(
+      keys, x, preset))
+  factors = []
+  for before, after in zip(np.asarray(x), out):
+    unclipped = (after < 1.0) & (before > 0.05)
+    ratio = after[unclipped] / before[unclipped]
+    assert ratio.std() < 1e-4
+    factors.append(ratio.mean())
+  assert min(factors) >= 0.6 - 1e-4 and max(factors) <= 1.4 + 1e-4
+  assert len(set(np.round(factors, 3))) == 4  # one factor per example
+
+
+def test_moco_v2_recipe_is_random_per_example_and_deterministic_per_key(photos):
+  cfg = AugCfg()
+  same = np.repeat(photos[:1, ::4, ::4], 64, axis=0)  # 64 copies of one 16 x 16 photo
+  fn = jax.jit(lambda rng, batch: augment.augment_batch(rng, batch, cfg, jnp.bfloat16))
+  batch = {"view1": same, "view2": same}
+  a = fn(jax.random.key(0), batch)
+  b = fn(jax.random.key(0), batch)
+  c = fn(jax.random.key(1), batch)
+  assert a["view1"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(a["view1"], np.float32),
+                                np.asarray(b["view1"], np.float32))
+  assert not np.array_equal(np.asarray(a["view1"], np.float32),
+                            np.asarray(c["view1"], np.float32))
+  views = _unit(np.asarray(a["view1"], np.float32))
+  assert np.isfinite(views).all()
+  # Each example draws its own ops: only the few left untouched by all ops (p = 0.2 * 0.8 *
+  # 0.5 = 8%) can coincide.
+  assert len({v.tobytes() for v in np.asarray(a["view1"], np.float32)}) > 48
+  assert not np.array_equal(np.asarray(a["view1"]), np.asarray(a["view2"]))
+  # Greyscale happens with p = 0.2 (64 draws: about 13, far from 0 and from 64).
+  grey = np.abs(views[..., 0] - views[..., 2]).max(axis=(1, 2)) < 0.02
+  assert 3 <= grey.sum() <= 26
+
+
+def test_preset_pairs_are_checked():
+  with pytest.raises(ValueError, match="grey_prob must be a .view1, view2. pair"):
+    augment.view_preset(AugCfg(grey_prob=(0.2,)), 0)
