@@ -55,6 +55,11 @@ def check_config(config: Any, num_devices: int, num_processes: int = 1) -> None:
   if config.model.name not in models.names():
     raise ValueError(f"Unknown backbone config.model.name={config.model.name!r}; valid choices: "
                      f"{', '.join(models.names())}.")
+  families = methods_lib.base.backbone_families(config.method.name)
+  if models.family(config.model.name) not in families:
+    valid = [n for n in models.names() if models.family(n) in families]
+    raise ValueError(f"config.model.name={config.model.name!r} cannot be used by method "
+                     f"{config.method.name!r}; valid choices: {', '.join(valid)}.")
   if config.nan_policy not in NAN_POLICIES:
     raise ValueError(f"config.nan_policy={config.nan_policy!r}; valid choices: "
                      f"{', '.join(NAN_POLICIES)}.")

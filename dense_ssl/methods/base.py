@@ -54,6 +54,11 @@ def names() -> list[str]:
   return sorted(_REGISTRY)
 
 
+def backbone_families(name: str) -> tuple[str, ...]:
+  """The backbone families ("resnet", "vit") method `name` works with (default: ResNets)."""
+  return getattr(_REGISTRY[name], "backbone_families", ("resnet",))
+
+
 def create(config: Any) -> Method:
   """Builds the method named by `config.method.name` from the whole config."""
   name = config.method.name
