@@ -21,6 +21,7 @@ Sources register themselves by name; `create(data_cfg)` builds the one named by
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 from typing import Any, Callable
@@ -111,8 +112,9 @@ def as_rgb(array: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------- demo ---
 
 
-def demo_photos() -> list[np.ndarray]:
-  """The real photographs shipped with scikit-image (CC0), as RGB uint8 arrays.
+@functools.lru_cache(maxsize=1)  # decoding and shrinking them takes a second or two
+def demo_photos() -> tuple[np.ndarray, ...]:
+  """The real photographs shipped with scikit-image (CC0), as read-only RGB uint8 arrays.
 
   Grey photos are replicated to RGB and every photo is shrunk to at most 512 pixels per side.
   Synthetic or drawn images in `skimage.data` (logo, phantom, text, checkerboards ...) are left
@@ -130,8 +132,10 @@ def demo_photos() -> list[np.ndarray]:
   for load in loaders:
     image = Image.fromarray(as_rgb(load()))
     image.thumbnail((_DEMO_MAX_SIDE, _DEMO_MAX_SIDE), Image.Resampling.LANCZOS)
-    photos.append(np.asarray(image))
-  return photos
+    photo = np.array(image)
+    photo.flags.writeable = False
+    photos.append(photo)
+  return tuple(photos)
 
 
 def demo_crop_table(photo_shapes: list[tuple[int, int]], num: int,
@@ -337,19 +341,24 @@ def tfds_source(builder: Any, data_cfg: Any, *, name: str) -> Source:
   def stream(seed: int, start_position: int) -> tf.data.Dataset:
     start_epoch, offset = divmod(start_position, info.num_examples)
 
+    @tf.autograph.experimental.do_not_convert
     def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
-      order = tf.random.experimental.stateless_shuffle(
-          tf.range(len(instructions)), seed=fold_seed(seed, ORDER_STREAM, epoch))
+      epoch_key = fold_seed(seed, ORDER_STREAM, epoch)
+      order = tf.random.experimental.stateless_shuffle(tf.range(len(instructions)),
+                                                       seed=epoch_key)
       shards = tf.data.Dataset.from_tensor_slices(
           (tf.gather(filenames, order), tf.gather(skips, order), tf.gather(takes, order)))
       records = shards.interleave(_read_shard, cycle_length=16, block_length=1,
                                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-      # A fixed seed gives the same buffer draws every epoch; the file order differs.
-      return records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+      # Its own buffer seed per epoch: with few files a fixed one would repeat the order.
+      buffer_seed = tf.random.stateless_uniform([], epoch_key, minval=0, maxval=2**31 - 1,
+                                                dtype=tf.int64)
+      return records.shuffle(shuffle_buffer, seed=buffer_seed, reshuffle_each_iteration=False)
 
     # `skip` reads but neither parses nor decodes the records before the start.
     return tf.data.Dataset.counter(start_epoch).flat_map(epoch_records).skip(offset)
 
+  @tf.autograph.experimental.do_not_convert
   def decode(record: tf.Tensor) -> Decoded:
     encoded = features.deserialize_example(record, decoders=skip_decoding)["image"]
     return _decode_tfds_image(encoded), _no_skips()
