@@ -2,3 +2,6 @@
 
 from dense_ssl.methods import base
 from dense_ssl.methods.base import create, names, register
+from dense_ssl.methods import mocov2
+from dense_ssl.methods import densecl
+from dense_ssl.methods import houghcl
