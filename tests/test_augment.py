@@ -141,10 +141,10 @@ def test_brightness_jitter_scales_each_example_by_one_factor(photos):
   preset = augment.view_preset(
       AugCfg(contrast=0.0, saturation=0.0, hue=0.0, jitter_prob=(1, 1), grey_prob=(0, 0),
              blur_prob=(0, 0)), 0)
-  keys = jax.random.split(jax.random.key(3), 4)
+  uniforms = jax.random.uniform(jax.random.key(3), (4, 8))
   x = jnp.asarray(photos / 255.0, jnp.float32)
   out = np.asarray(jax.jit(jax.vmap(augment.color_jitter, (0, 0, None)), static_argnums=2)(
-      keys, x, preset))
+      uniforms, x, preset))
   factors = []
   for before, after in zip(np.asarray(x), out):
     unclipped = (after < 1.0) & (before > 0.05)
@@ -163,6 +163,14 @@ def test_moco_v2_recipe_is_random_per_example_and_deterministic_per_key(photos):
   a = fn(jax.random.key(0), batch)
   b = fn(jax.random.key(0), batch)
   c = fn(jax.random.key(1), batch)
+  # The trainer feeds batches sharded over devices: the layout must not change the views.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  d = fn(jax.random.key(0), jax.device_put(batch, sharded))
+  assert d["view1"].sharding.is_equivalent_to(sharded, 4)
+  for name in ("view1", "view2"):
+    np.testing.assert_allclose(np.asarray(d[name], np.float32),
+                               np.asarray(a[name], np.float32), atol=2e-2)
   assert a["view1"].dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(a["view1"], np.float32),
                                 np.asarray(b["view1"], np.float32))
@@ -182,3 +190,4 @@ def test_moco_v2_recipe_is_random_per_example_and_deterministic_per_key(photos):
 def test_preset_pairs_are_checked():
   with pytest.raises(ValueError, match="grey_prob must be a .view1, view2. pair"):
     augment.view_preset(AugCfg(grey_prob=(0.2,)), 0)
+

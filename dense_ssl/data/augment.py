@@ -100,19 +100,21 @@ def adjust_hue(image: jax.Array, shift: jax.Array) -> jax.Array:
   return hsv_to_rgb(hsv.at[..., 0].set((hsv[..., 0] + shift) % 1.0))
 
 
-def color_jitter(key: jax.Array, image: jax.Array, preset: ViewPreset) -> jax.Array:
+def color_jitter(uniforms: jax.Array, image: jax.Array, preset: ViewPreset) -> jax.Array:
   """torchvision ColorJitter on one (H, W, 3) image in [0, 1]: four adjustments, random order.
 
   Factors: brightness/contrast/saturation ~ U[max(0, 1 - x), 1 + x], hue shift ~ U[-h, h].
+
+  Args:
+    uniforms: 8 independent U[0, 1) draws: the 4 factors, then 4 whose argsort is the order.
+    image: (H, W, 3) float image in [0, 1].
+    preset: the view's settings.
   """
   strengths = jnp.stack([jnp.asarray(preset.brightness), jnp.asarray(preset.contrast),
                          jnp.asarray(preset.saturation)]).astype(jnp.float32)
   hue = jnp.asarray(preset.hue, jnp.float32)
   lows = jnp.concatenate([jnp.maximum(0.0, 1.0 - strengths), -hue[None]])
   highs = jnp.concatenate([1.0 + strengths, hue[None]])
-  # One draw for everything (random bits are costly to compile): 4 factors, and a random
-  # order as the argsort of 4 more uniforms.
-  uniforms = jax.random.uniform(key, (8,))
   factors = lows + uniforms[:4] * (highs - lows)
   order = jnp.argsort(uniforms[4:])
   ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
@@ -151,15 +153,18 @@ def solarize(image: jax.Array, threshold: float = 0.5) -> jax.Array:
   return jnp.where(image < threshold, image, 1.0 - image)
 
 
-def augment_image(key: jax.Array, image: jax.Array, preset: ViewPreset) -> jax.Array:
+# U[0, 1) draws that one view of one example uses: 4 gates, blur sigma, 8 for the jitter.
+NUM_UNIFORMS = 13
+
+
+def augment_image(uniforms: jax.Array, image: jax.Array, preset: ViewPreset) -> jax.Array:
   """All colour ops of one view on one (H, W, 3) float image in [0, 1].
 
   `preset`'s fields may be traced scalars (the two views' presets are vmapped together).
   """
-  gate_key, jitter_key = jax.random.split(key)
-  gates = jax.random.uniform(gate_key, (5,))  # 4 op gates and the blur sigma
-  image = jnp.where(gates[0] < preset.jitter_prob, color_jitter(jitter_key, image, preset),
-                    image)
+  gates = uniforms[:5]  # 4 op gates and the blur sigma
+  image = jnp.where(gates[0] < preset.jitter_prob,
+                    color_jitter(uniforms[5:NUM_UNIFORMS], image, preset), image)
   image = jnp.where(gates[1] < preset.grey_prob,
                     jnp.broadcast_to(grayscale(image), image.shape), image)
   low, high = preset.blur_sigma
@@ -186,7 +191,8 @@ def augment_batch(rng: jax.Array, batch: dict[str, Any], aug_cfg: Any,
   """Colour-augments and normalises `view1` and `view2` of a batch (inside `jit`).
 
   Args:
-    rng: a PRNG key; each view and each example gets its own key split from it.
+    rng: a PRNG key. One (B, 2, 13) uniform draw from it gives each example and view its own
+      random numbers (a single draw compiles much faster than per-example keys).
     batch: the pipeline's batch; view1/view2 are uint8 (B, H, W, 3).
     aug_cfg: `config.augment`: brightness, contrast, saturation, hue (floats); jitter_prob,
       grey_prob, blur_prob, solarize_prob ((view1, view2) pairs); blur_sigma (lo, hi);
@@ -202,9 +208,9 @@ def augment_batch(rng: jax.Array, batch: dict[str, Any], aug_cfg: Any,
   # sharded over devices) in front.
   presets = jax.tree.map(lambda a, b: jnp.asarray([a, b], jnp.float32), first, second)
   images = jnp.stack([batch["view1"], batch["view2"]], axis=1).astype(jnp.float32) / 255.0
-  keys = jax.random.split(rng, images.shape[:2])
+  uniforms = jax.random.uniform(rng, (*images.shape[:2], NUM_UNIFORMS))
   per_view = jax.vmap(augment_image, in_axes=(0, 0, 0))
-  out = jax.vmap(per_view, in_axes=(0, 0, None))(keys, images, presets)
+  out = jax.vmap(per_view, in_axes=(0, 0, None))(uniforms, images, presets)
   # Clipping and stop_gradient: the result is input data, never a function to differentiate.
   out = jax.lax.stop_gradient(_standardize(jnp.clip(out, 0.0, 1.0), tuple(aug_cfg.mean),
                                            tuple(aug_cfg.std), dtype))
