@@ -301,6 +301,7 @@ images.cocodataset.org, and runs here are offline. On a machine with internet ru
 then copy DIR/coco into {root}/ (or unpack train2017.zip and use config.data.source='folder')."""
 
 
+@tf.autograph.experimental.do_not_convert  # plain graph code; saves tracing time
 def _read_shard(filename: tf.Tensor, skip: tf.Tensor, take: tf.Tensor) -> tf.data.Dataset:
   return tf.data.TFRecordDataset(filename).skip(skip).take(take)
 
@@ -369,7 +370,8 @@ def tfds_source(builder: Any, data_cfg: Any, *, name: str) -> Source:
 def _prepared_builder(tfds_name: str, data_cfg: Any, help_text: str) -> Any:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  root = data_cfg.data_dir or os.path.expanduser("~/tensorflow_datasets")
+  # An empty data_dir means tfds's default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+  root = data_cfg.data_dir or tfds.core.constants.DATA_DIR
   builder = tfds.builder(tfds_name, data_dir=root)
   if not builder.is_prepared():
     manual = os.path.join(root, "downloads", "manual")
