@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from dense_ssl import methods
+from dense_ssl import methods, queues
 from dense_ssl.state import TrainState
 
 BATCH, SIZE, QUEUE, DIM = 8, 96, 16, 8
@@ -197,3 +197,22 @@ def test_bad_config_values_are_rejected():
   with pytest.raises(ValueError, match="config.model.name"):
     methods.create(types.SimpleNamespace(**{**vars(_config("mocov2")), "model": types.SimpleNamespace(
         name="resnet7", zero_init_residual=False, half_precision=False)}))
+
+
+def test_half_precision_runs_the_backbone_in_bfloat16_and_the_heads_in_float32():
+  method = methods.create(_config("densecl", half_precision=True))
+  assert method.encoder.backbone.dtype == jnp.bfloat16
+  # The objective upcasts bfloat16 maps and neck outputs: a float32 loss close to the f32 one.
+  rng = np.random.default_rng(0)
+  maps = [jnp.asarray(rng.normal(size=(2, 3, 3, 6)), jnp.float32) for _ in range(2)]
+  outs = [{"global": jnp.asarray(rng.normal(size=(2, 4)), jnp.float32),
+           "dense_grid": jnp.asarray(rng.normal(size=(2, 9, 4)), jnp.float32),
+           "dense_pooled": jnp.asarray(rng.normal(size=(2, 4)), jnp.float32)} for _ in range(2)]
+  qs = [queues.create(jax.random.key(i), 4, 4) for i in range(2)]
+  half = lambda tree: jax.tree.map(lambda x: x.astype(jnp.bfloat16), tree)
+  kwargs = dict(temperature=0.2, loss_lambda=0.5)
+  full, _ = methods.densecl.head_loss(maps[0], outs[0], maps[1], outs[1], *qs, **kwargs)
+  low, aux = methods.densecl.head_loss(half(maps[0]), half(outs[0]), half(maps[1]),
+                                       half(outs[1]), *qs, **kwargs)
+  assert low.dtype == jnp.float32 and aux["queue"].buffer.dtype == jnp.float32
+  np.testing.assert_allclose(low, full, rtol=2e-2)
