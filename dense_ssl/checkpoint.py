@@ -76,7 +76,13 @@ def load_raw(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]
                             f"python -m dense_ssl.main --workdir={workdir}.")
   tree = manager.restore(step, args=ocp.args.StandardRestore())
   manager.close()
-  return step, jax.tree.map(np.asarray, tree)
+  return step, jax.tree.map(_to_numpy, tree)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+  if hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)  # typed PRNG keys have no numpy form; keep their raw bits
+  return np.asarray(x)
 
 
 def load_backbone(workdir: str, step: int | None = None) -> tuple[str, dict, dict]:
