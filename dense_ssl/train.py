@@ -8,6 +8,7 @@ in through `dense_ssl.methods` and never see the optimiser, the mesh or the data
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import signal
 import time
@@ -325,7 +326,21 @@ def run(config: Any, workdir: str) -> TrainState:
   manager.wait_until_finished()
   manager.close()
   writer.flush()
+  if jax.process_index() == 0 and models.family(config.model.name) == "resnet":
+    _export_backbone(workdir)
   return state
+
+
+def _export_backbone(workdir: str) -> None:
+  """Writes the final backbone for detectron2 (.pkl) and, when torch is installed, torchvision."""
+  from dense_ssl import export  # pylint: disable=g-import-not-at-top
+  formats = ["detectron2"]
+  if importlib.util.find_spec("torch") is not None:
+    formats.append("torchvision")
+  else:
+    logging.info("torch is not installed: skipping the torchvision .pth export.")
+  for fmt in formats:
+    logging.info("Exported the backbone for %s: %s", fmt, export.run(workdir, fmt))
 
 
 def _hms(seconds: float) -> str:
