@@ -1,0 +1,1 @@
+"""Throughput and peer-comparison instruments (see benchmarks/RESULTS.md)."""

@@ -1,0 +1,240 @@
+"""Smoke tests of the benchmark scripts: each `main()` runs with the tiniest settings.
+
+No timing thresholds (timed tests are forbidden here): the tests check that every script
+prints its table and its ratio lines and that the numbers are positive and finite. ResNet-18 at
+64 px, batch 8, a 64-entry queue and narrow necks keep each step small; a persistent compilation
+cache shared by the tests of this file lets later scripts load the steps that earlier ones
+compiled (the same configuration compiles to the same executable).
+"""
+
+import math
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from benchmarks import common
+from benchmarks import step
+
+# Every test uses whole-batch BatchNorm, so the step compiled by the first test is reused (from
+# the cache) by the PyTorch and data tests, whose JAX side runs --bn=sync.
+TINY = ["--models=resnet18", "--sizes=64", "--batch=8", "--queue=64", "--hidden=64", "--dim=16",
+        "--dtypes=float32", "--warmup=1", "--iters=1", "--bn=sync"]
+NUMBER = r"([-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?|n/a)"
+_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                  "jax_persistent_cache_min_entry_size_bytes")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+  """A persistent compilation cache for this module only; the previous settings come back."""
+  old = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+  compilation_cache.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield
+  for name, value in old.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+def _positive(value):
+  return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _table_rows(text, first_column_values):
+  """The markdown table rows whose first cell is one of `first_column_values`."""
+  rows = []
+  for line in text.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if line.startswith("|") and cells[0] in first_column_values:
+      rows.append(cells)
+  return rows
+
+
+def test_fallback_config_matches_the_project_configs():
+  pytest.importorskip("ml_collections")
+  for method in step.METHODS:
+    real, source = common.project_config(method)
+    assert source == f"configs/{method}.py"
+    assert common.fallback_config(method).to_dict() == real.to_dict(), (
+        f"configs/{method}.py changed: update benchmarks/common.py:fallback_config, which "
+        f"machines without ml_collections use")
+
+
+def test_attrdict_behaves_like_a_config():
+  c = common.AttrDict(method=dict(name="densecl", queue_size=64))
+  assert c.method.name == "densecl" and "queue_size" in c.method
+  assert c.method.get("momentum", 0.0) == 0.0
+  with pytest.raises(AttributeError, match="no field"):
+    c.method.queue_sise = 3  # a typo fails loudly, as in a locked ConfigDict
+
+
+def test_fit_bn_groups():
+  assert common.fit_bn_groups(8, 256, 1) == 8
+  assert common.fit_bn_groups(8, 12, 1) == 6
+  assert common.fit_bn_groups(8, 8, 8) == 8
+  with pytest.raises(ValueError):
+    common.fit_bn_groups(8, 4, 8)
+
+
+def test_step_prints_table_and_ratios(capsys):
+  # HoughCL differs from DenseCL only in its matcher; the ratio code is checked with it below.
+  out = step.main(TINY + ["--methods=mocov2,densecl", "--repeats=2", "--devices=1"])
+  text = capsys.readouterr().out
+  assert len(_table_rows(text, step.METHODS)) == 2
+  for row in out["rows"]:
+    for key in ("img/s", "ms/step", "compile s", "GFLOP/img", "XLA mem GB", "peak mem GB"):
+      assert _positive(row[key]), (row["method"], key, row[key])
+    assert math.isfinite(row["spread"]) and row["spread"] >= 0
+    assert math.isnan(row["MFU"])  # CPU: no peak FLOP/s, no MFU
+  (ratio,) = out["ratios"]
+  assert ratio["method"] == "densecl" and _positive(ratio["time_ratio"])
+  # The dense neck and the dense logits add FLOPs to MoCo-v2's.
+  assert ratio["flop_ratio"] > 1.0
+  assert re.search(r"^DenseCL/MoCo-v2 step time " + NUMBER + r" .* XLA FLOP ratio " + NUMBER,
+                   text, re.M)
+  last = text.strip().splitlines()[-1]
+  match = re.fullmatch(r"DenseCL/MoCo-v2 = " + NUMBER, last)
+  assert match and _positive(float(match.group(1))), last
+
+
+def _fake_row(method, model, size, times, flops):
+  spec = step.StepSpec(method, model=model, size=size)
+  return {"spec": spec, "times": times, "flops": flops}
+
+
+def test_ratios_pair_interleaved_rounds_and_pick_the_headline():
+  rows = [_fake_row("mocov2", "resnet18", 96, [1.0, 2.0], 10.0),
+          _fake_row("densecl", "resnet18", 96, [1.5, 2.0], 12.0),
+          _fake_row("houghcl", "resnet18", 96, [1.2, 2.4], 12.0),
+          _fake_row("mocov2", "resnet50", 224, [4.0, 4.0], 30.0),
+          _fake_row("densecl", "resnet50", 224, [4.4, 4.8], 33.0)]
+  out = step.ratios(rows)
+  by = {(r["method"], r["group"].model): r for r in out}
+  assert by["densecl", "resnet18"]["time_ratio"] == pytest.approx(1.25)  # median(1.5, 1.0)
+  assert by["houghcl", "resnet18"]["time_ratio"] == pytest.approx(1.2)
+  assert by["houghcl", "resnet18"]["flop_ratio"] == pytest.approx(1.2)
+  best = step.headline(out)
+  assert best["group"].model == "resnet50"
+  assert best["time_ratio"] == pytest.approx(1.15) and best["flop_ratio"] == pytest.approx(1.1)
+  assert "HoughCL/MoCo-v2 step time 1.20" in step.ratio_line(by["houghcl", "resnet18"])
+
+
+def test_step_scaling_one_vs_eight_devices(capsys):
+  assert jax.device_count() >= 8, "conftest.py provides 8 fake CPU devices"
+  out = step.main(TINY + ["--scaling", "--methods=densecl", "--repeats=1", "--devices=8"])
+  text = capsys.readouterr().out
+  rows = out["rows"]
+  assert [r["dev"] for r in rows] == [1, 8]
+  assert all(_positive(r["img/s"]) and _positive(r["speed-up"]) for r in rows)
+  assert re.fullmatch(r"speed-up 8 vs 1 devices = " + NUMBER, text.strip().splitlines()[-1])
+
+
+def test_peer_torch_prints_jax_over_pytorch(capsys):
+  pytest.importorskip("torch")
+  from benchmarks import peer_torch  # pylint: disable=g-import-not-at-top
+  results = peer_torch.main(TINY + ["--methods=mocov2,densecl", "--repeats=1",
+                                    "--no-aug_breakdown", "--threads=2"])
+  text = capsys.readouterr().out
+  assert len(_table_rows(text, ("jax", "pytorch"))) == 4
+  for r in results:
+    assert _positive(r["ratio"])
+    assert math.isfinite(r["jax_loss"]) and math.isfinite(r["torch_loss"])
+    assert all(_positive(row["img/s"]) for row in r["rows"])
+  lines = re.findall(r"^JAX/PyTorch throughput (\S+) .* = " + NUMBER, text, re.M)
+  assert [m[0] for m in lines] == ["MoCo-v2", "DenseCL"]
+  assert all(_positive(float(m[1])) for m in lines)
+
+
+def _rel(a, ref):
+  a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+  return np.abs(a - ref).max() / np.abs(ref).max()
+
+
+def _parity_model(method, r):
+  """peer_torch's model on case A: identity backbone, neck and queues from the vectors."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from benchmarks import peer_torch  # pylint: disable=g-import-not-at-top
+  channels = r["in/q_backbone"].shape[-1]
+  hidden = r["in/neck_q/global_fc1/kernel"].shape[1]
+  dim = r["in/neck_q/global_fc2/kernel"].shape[1]
+  queue = r["in/queue_global"].shape[0]
+  model = peer_torch.Contrast(method, torch.nn.Identity(), channels, queue=queue, dim=dim,
+                              hidden=hidden, temperature=float(r["in/temperature"]),
+                              momentum=float(r["in/momentum"]),
+                              loss_lambda=float(r["in/loss_lambda"]))
+  t = lambda x: torch.from_numpy(np.ascontiguousarray(x, np.float32))
+  for side, encoder in (("q", model.encoder_q), ("k", model.encoder_k)):
+    neck, p = encoder[1], f"in/neck_{side}/"
+    layers = [(neck.mlp[0], "global_fc1"), (neck.mlp[2], "global_fc2")]
+    if method == "densecl":
+      layers += [(neck.mlp2[0], "dense_conv1"), (neck.mlp2[2], "dense_conv2")]
+    with torch.no_grad():
+      for layer, name in layers:
+        kernel = r[p + name + "/kernel"]
+        weight = kernel.T if kernel.ndim == 2 else kernel[0, 0].T[:, :, None, None]
+        layer.weight.copy_(t(weight))
+        layer.bias.copy_(t(r[p + name + "/bias"]))
+  with torch.no_grad():
+    if method == "densecl":
+      model.queue.copy_(t(r["in/queue_global"].T))
+      model.queue2.copy_(t(r["in/queue_dense"].T))
+      model.ptr, model.ptr2 = int(r["in/queue_global_ptr"]), int(r["in/queue_dense_ptr"])
+    else:
+      model.queue.copy_(t(r["mocov2/in/queue"].T))
+      model.ptr = int(r["mocov2/in/queue_ptr"])
+  return model, t
+
+
+@pytest.mark.parametrize("method", ["densecl", "mocov2"])
+def test_peer_torch_step_matches_the_parity_vectors(method):
+  """The PyTorch peer is the official step: loss, gradients, queues, momentum update."""
+  pytest.importorskip("torch")
+  r = np.load(os.path.join(os.path.dirname(__file__), "data", "parity", "densecl_A.npz"))
+  model, t = _parity_model(method, r)
+  x_q = t(r["in/q_backbone"].transpose(0, 3, 1, 2)).requires_grad_(True)
+  x_k = t(r["in/k_backbone"].transpose(0, 3, 1, 2))
+  loss = model(x_q, x_k)
+  loss.backward()
+  neck_q, neck_k = model.encoder_q[1], model.encoder_k[1]
+  if method == "densecl":
+    assert _rel(loss.item(), r["out/loss_total"]) < 1e-5
+    assert _rel(model.queue.T, r["out/queue_global"]) < 1e-5
+    assert _rel(model.queue2.T, r["out/queue_dense"]) < 1e-5
+    assert (model.ptr, model.ptr2) == (int(r["out/queue_global_ptr"]),
+                                       int(r["out/queue_dense_ptr"]))
+    assert _rel(neck_k.mlp2[0].weight.detach()[:, :, 0, 0].T,
+                r["out/neck_k_updated/dense_conv1/kernel"][0, 0]) < 1e-6
+    assert _rel(neck_q.mlp2[2].weight.grad[:, :, 0, 0].T,
+                r["grad/neck_q/dense_conv2/kernel"][0, 0]) < 1e-4
+    assert _rel(neck_q.mlp[0].weight.grad.T, r["grad/neck_q/global_fc1/kernel"]) < 1e-4
+    assert _rel(x_q.grad.permute(0, 2, 3, 1), r["grad/q_backbone"]) < 1e-4
+  else:
+    assert _rel(loss.item(), r["mocov2/out/loss"]) < 1e-5
+    assert _rel(model.queue.T, r["mocov2/out/queue"]) < 1e-5
+    assert model.ptr == int(r["mocov2/out/queue_ptr"])
+    assert _rel(neck_k.mlp[0].weight.detach().T,
+                r["out/neck_k_updated/global_fc1/kernel"]) < 1e-6
+    assert _rel(neck_q.mlp[2].weight.grad.T, r["mocov2/grad/neck_q/fc2/kernel"]) < 1e-4
+    assert _rel(x_q.grad.permute(0, 2, 3, 1), r["mocov2/grad/q_backbone"]) < 1e-4
+
+
+def test_data_pipeline_vs_step(capsys):
+  pytest.importorskip("tensorflow")
+  from benchmarks import data  # pylint: disable=g-import-not-at-top
+  out = data.main(["--size=64", "--batch=8", "--batches=2", "--repeats=1", "--num_jpegs=8",
+                   "--threads=1,0", "--model=resnet18", "--method=densecl", "--queue=64",
+                   "--hidden=64", "--dim=16", "--step_repeats=1", "--end_to_end"])
+  text = capsys.readouterr().out
+  assert len(_table_rows(text, ("demo", "folder"))) == 4
+  for row in out["pipeline"]:
+    assert _positive(row["pairs/s"]) and _positive(row["pairs/s/core"])
+  assert _positive(out["step"]) and _positive(out["end_to_end"])
+  verdicts = re.findall(r"bottleneck: (pipeline|step); cores needed to feed the step: " + NUMBER,
+                        text)
+  assert len(verdicts) == 4 and all(_positive(float(v[1])) for v in verdicts)
