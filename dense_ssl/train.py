@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 
 from dense_ssl import checkpoint, ema, models, optim, sharding
 from dense_ssl import methods as methods_lib
@@ -217,7 +216,9 @@ def _summarise(history: list[tuple[int, dict[str, Any]]]) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------
 def run(config: Any, workdir: str) -> TrainState:
   """Trains `config` in `workdir`, resuming from the newest checkpoint there; returns the state."""
-  from dense_ssl.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  # TensorFlow (input) and clu (writers) are needed only here: train_step runs without them.
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from dense_ssl.data import pipeline  # pylint: disable=g-import-not-at-top
 
   # --- Checks and logging ------------------------------------------------------------------
   check_config(config, jax.device_count(), jax.process_count())
