@@ -190,7 +190,7 @@ def test_non_finite_steps_never_reach_the_checkpoint(policy, tmp_path):
 @pytest.mark.parametrize("override,expected", [
     ({"method.name": "densecll"}, "valid choices: densecl"),
     ({"model.name": "resnet5"}, "valid choices:"),
-    ({"model.name": "vit_s16"}, "cannot be used by method 'densecl'; valid choices: resnet18"),
+    ({"model.name": "vit_s16"}, "cannot be used by method 'densecl'; valid choices: resnet101, resnet18"),
     ({"batch_size": 12}, "multiple of the device count"),
     ({"method.queue_size": 40}, "multiple of config.batch_size=16"),
     ({"data.image_size": 72}, "multiple of 32"),
