@@ -1,0 +1,11 @@
+"""Evaluators of frozen backbones, by name: linear probe, k-NN, dense probe, correspondence.
+
+    python -m dense_ssl.evaluate --workdir=W [--step=N] [--evals=linear,knn,dense,corr]
+
+Importing the package registers every evaluator; `from_config(config.evals, model_name)` builds
+them and `run_all(evaluators, state)` runs them (see base.py).
+"""
+
+from dense_ssl.evaluate import classification, correspondence, dense
+from dense_ssl.evaluate.base import (DEFAULT_EVALS, create, from_config, names, register,
+                                     run_all)

@@ -1,0 +1,96 @@
+"""The evaluator interface and registry, big_vision style.
+
+An evaluator is built from `config.evals.<name>` (a dict: `type` names the registered class,
+defaulting to `<name>`; every other key is a constructor argument) plus the backbone's name, and
+`run(state_or_variables)` yields `(key, value)` pairs; `run_all` prefixes them `<name>/<key>`.
+Configs are duck-typed (a dict, or anything with `items()`), so this package runs without
+ml_collections.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Iterator, Mapping, Protocol
+
+
+# `config.evals` of a run whose config sets none: every evaluator with its defaults (the
+# fmnist-scene protocol of benchmarks/reproduce.py).
+DEFAULT_EVALS: dict[str, dict[str, Any]] = {
+    "linear": {"type": "linear"},
+    "knn": {"type": "knn"},
+    "dense": {"type": "dense"},
+    "corr": {"type": "correspondence"},
+}
+
+
+class Evaluator(Protocol):
+  """What an evaluator offers: `run` on a TrainState or backbone variables."""
+
+  def run(self, state_or_variables: Any) -> Iterator[tuple[str, float]]:
+    ...
+
+
+_REGISTRY: dict[str, Callable[..., Evaluator]] = {}
+
+
+def register(name: str):
+  """Class decorator: makes an evaluator constructible as `type: name`."""
+
+  def wrap(cls):
+    if name in _REGISTRY:
+      raise ValueError(f"Evaluator {name!r} is registered twice.")
+    _REGISTRY[name] = cls
+    return cls
+
+  return wrap
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def create(type_name: str, model_name: str, **params: Any) -> Evaluator:
+  """Builds the evaluator registered as `type_name` for the backbone `model_name`."""
+  if type_name not in _REGISTRY:
+    raise ValueError(f"Unknown evaluator type {type_name!r}; valid types: {', '.join(names())}.")
+  cls = _REGISTRY[type_name]
+  valid = [p for p in inspect.signature(cls).parameters if p != "model_name"]
+  unknown = sorted(set(params) - set(valid))
+  if unknown:
+    raise ValueError(f"Evaluator {type_name!r} has no parameter(s) {', '.join(unknown)}; valid: "
+                     f"{', '.join(valid)}.")
+  return cls(model_name, **params)
+
+
+def _as_dict(node: Any) -> dict[str, Any]:
+  return node.to_dict() if hasattr(node, "to_dict") else dict(node)
+
+
+def from_config(evals: Mapping[str, Any], model_name: str,
+                only: list[str] | None = None) -> dict[str, Evaluator]:
+  """{name: evaluator} from `config.evals` (name -> {"type": ..., params}), in config order.
+
+  `only` keeps the named evaluators (e.g. from `--evals=linear,knn`); a name missing from the
+  config is an error that lists the configured ones.
+  """
+  evals = _as_dict(evals)
+  if only is not None:
+    missing = [n for n in only if n not in evals]
+    if missing:
+      raise ValueError(f"No evaluator named {', '.join(missing)} in config.evals; configured: "
+                       f"{', '.join(evals)}.")
+    evals = {n: evals[n] for n in only}
+  out = {}
+  for name, cfg in evals.items():
+    params = _as_dict(cfg)
+    out[name] = create(params.pop("type", name), model_name, **params)
+  return out
+
+
+def run_all(evaluators: Mapping[str, Evaluator], state_or_variables: Any) -> dict[str, float]:
+  """Runs every evaluator; returns {"<name>/<key>": value}."""
+  results = {}
+  for name, evaluator in evaluators.items():
+    for key, value in evaluator.run(state_or_variables):
+      results[f"{name}/{key}"] = float(value)
+  return results

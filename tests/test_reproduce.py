@@ -1,0 +1,85 @@
+"""The pieces of benchmarks/reproduce.py (the full run is the lead's): table, file section,
+evaluation of a backbone, and the dense-probe figure, on real fmnist scenes."""
+
+import re
+
+import matplotlib.image
+import numpy as np
+
+from benchmarks import reproduce
+from dense_ssl import evaluate
+from dense_ssl.data import scenes
+from dense_ssl.evaluate import features
+
+
+def test_markdown_table_formats_every_column():
+  rows = [{"name": "random init", "seed": 0, "linear/top1": 0.2815, "knn/top1": 0.25,
+           "dense/miou": 0.0951, "corr/argmax_acc": 0.6870, "corr/argmax_acc_exact": 0.25,
+           "corr/hough_acc": 0.69},
+          {"name": "densecl", "seed": 1, "linear/top1": 0.5, "wall_s": 630.0}]
+  lines = reproduce.markdown_table(rows).splitlines()
+  cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+  assert len(lines) == 4 and len(cells[0]) == len(reproduce.COLUMNS) + 3
+  assert cells[0][2] == "linear top-1" and cells[0][-1] == "pretrain wall time"
+  assert cells[2] == ["random init", "0", "28.1%", "25.0%", "9.5%", "68.7%", "25.0%", "69.0%",
+                      "n/a"]
+  assert cells[3] == ["densecl", "1", "50.0%", "n/a", "n/a", "n/a", "n/a", "n/a", "10.5 min"]
+
+
+def test_replace_section_keeps_the_rest_of_the_file():
+  first = reproduce.replace_section("# Results\n\nthroughput: 100 img/s\n", "table 1")
+  assert first.startswith("# Results\n\nthroughput: 100 img/s\n\n" + reproduce.BEGIN)
+  second = reproduce.replace_section(first + "\nmore notes\n", "table 2")
+  assert "table 1" not in second and "table 2" in second
+  assert second.count(reproduce.BEGIN) == 1 and second.endswith("\nmore notes\n")
+  assert reproduce.replace_section("", "t") == f"{reproduce.BEGIN}\nt\n{reproduce.END}\n"
+
+
+def test_evaluate_backbone_and_dense_figure(tmp_path):
+  evaluators = evaluate.from_config(
+      {"knn": {"num_train": 40, "num_test": 20, "image_size": 32},
+       "dense": {"num_train": 16, "num_test": 6, "image_size": 64, "steps": 10}}, "resnet18")
+  results, dense_result = reproduce.evaluate_backbone(evaluators,
+                                                      features.init_variables("resnet18"))
+  assert set(results) == {"knn/top1", "dense/miou", "dense/pixel_acc"}
+  assert results["dense/miou"] == dense_result.miou
+  assert dense_result.predictions.shape == (6, 64, 64)
+
+  truth = scenes.make_scenes(6, seed=0, split="probe_test", size=64)
+  path = str(tmp_path / "dense.png")
+  reproduce.dense_figure(truth["images"], truth["label_maps"],
+                         {"random init": dense_result.predictions, "perfect": truth["label_maps"]},
+                         {"random init": dense_result.miou, "perfect": 1.0}, path)
+  png = matplotlib.image.imread(path)
+  assert png.shape[0] > 300 and png[..., :3].std() > 0.05
+  # Class colours: background black, every garment class its own colour.
+  colours = reproduce.colourize(truth["label_maps"][0])
+  assert colours.shape == (64, 64, 3)
+  np.testing.assert_array_equal(colours[truth["label_maps"][0] == 0], 0)
+  assert len({tuple(c) for c in reproduce.SEG_COLOURS}) == scenes.NUM_SEGMENTATION_CLASSES
+
+
+def test_reproduce_end_to_end_on_the_test_variant(tmp_path):
+  """One MoCo-v2 step on the `test` variant, tiny evaluators: table, JSON, figure, section."""
+  results_md = tmp_path / "RESULTS.md"
+  results_md.write_text("# Benchmark results\n\nother section\n")
+  tiny = {"knn": {"num_train": 40, "num_test": 20, "image_size": 32},
+          "dense": {"num_train": 16, "num_test": 6, "image_size": 64, "steps": 5},
+          "corr": {"type": "correspondence", "num_pairs": 4, "scene_size": 64,
+                   "image_size": 64}}
+  rows = reproduce.reproduce(str(tmp_path / "runs"), ["mocov2"], [3], variant="test",
+                             total_steps=1, evals=tiny, results_md=str(results_md),
+                             figure=str(tmp_path / "dense.png"))
+  assert [r["name"] for r in rows] == ["random init", "mocov2"]
+  assert rows[1]["seed"] == 3 and rows[1]["wall_s"] > 0
+  for row in rows:
+    assert {"knn/top1", "dense/miou", "corr/argmax_acc", "corr/chance_acc"} <= set(row)
+  text = results_md.read_text()
+  assert text.startswith("# Benchmark results\n\nother section\n")
+  assert "--variant=test --total_steps=1`" in text
+  assert re.search(r"\|\s+random init \|\s+3 \|", text)
+  assert re.search(r"\|\s+mocov2 \|\s+3 \|", text)
+  assert "![dense probe](dense.png)" in text
+  assert (tmp_path / "dense.png").stat().st_size > 10_000
+  assert (tmp_path / "runs" / "results.json").exists()
+  assert (tmp_path / "runs" / "mocov2_seed3" / "config.json").exists()
