@@ -23,7 +23,8 @@ def base_config() -> ml_collections.ConfigDict:
                                            half_precision=False))
   c.data = ml_collections.ConfigDict(dict(
       **IMAGENET, image_size=224, crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True,
-      shuffle_buffer=10_000, demo_num_images=1024, prefetch=2))
+      shuffle_buffer=10_000, demo_num_images=1024, prefetch=2, scenes_num_images=10_000,
+      scenes_size=96))
   # MoCo-v2 augmentation; pairs are (view1, view2).
   c.augment = ml_collections.ConfigDict(dict(
       brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_prob=(0.8, 0.8),
@@ -76,6 +77,20 @@ def test_overrides(c: ml_collections.ConfigDict) -> None:
   c.method.bn_groups = 8
   c.log_every_steps = 2
   c.checkpoint_every_steps = 2
+
+
+def fmnist_scenes_overrides(c: ml_collections.ConfigDict) -> None:
+  """Fashion-MNIST scenes (benchmarks/reproduce.py): ResNet-18, one budget for every method."""
+  c.model.name = "resnet18"
+  c.data.update(dict(source="fmnist_scenes", image_size=128))
+  c.batch_size = 64
+  c.total_epochs = 0.0
+  c.total_steps = 2000
+  c.method.queue_size = 4096
+  c.method.hidden = 512
+  c.method.bn_groups = 8
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
 
 
 def apply_variant(c: ml_collections.ConfigDict, arg: str | None,

@@ -23,4 +23,5 @@ def get_config(arg=None):
   c.method = common.moco_method(name="densecl", loss_lambda=0.5, dense_chunk=0)
   return common.apply_variant(c, arg, {"default": None, "coco": coco,
                                        "demo": common.demo_overrides,
-                                       "test": common.test_overrides})
+                                       "test": common.test_overrides,
+                                       "fmnist_scenes": common.fmnist_scenes_overrides})

@@ -14,4 +14,5 @@ def get_config(arg=None):
   c.method = common.moco_method(name="houghcl", loss_lambda=0.5, dense_chunk=0)
   return common.apply_variant(c, arg, {"default": None, "coco": densecl.coco,
                                        "demo": common.demo_overrides,
-                                       "test": common.test_overrides})
+                                       "test": common.test_overrides,
+                                       "fmnist_scenes": common.fmnist_scenes_overrides})

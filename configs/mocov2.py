@@ -15,4 +15,5 @@ def get_config(arg=None):
   c = common.base_config()
   c.method = common.moco_method()
   return common.apply_variant(c, arg, {"default": None, "demo": common.demo_overrides,
-                                       "test": common.test_overrides})
+                                       "test": common.test_overrides,
+                                       "fmnist_scenes": common.fmnist_scenes_overrides})

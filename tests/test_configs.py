@@ -12,7 +12,7 @@ CONFIGS = sorted(p for p in glob.glob("configs/*.py")
 
 
 @pytest.mark.parametrize("path", CONFIGS)
-@pytest.mark.parametrize("variant", ["", "demo", "test"])
+@pytest.mark.parametrize("variant", ["", "demo", "test", "fmnist_scenes"])
 def test_config_variants_load_locked(path, variant):
   config = config_errors.load_config(f"{path}:{variant}" if variant else path)
   assert config.is_locked
@@ -33,7 +33,7 @@ def test_default_is_the_paper_recipe():
 
 
 def test_unknown_variant_lists_choices():
-  with pytest.raises(ValueError, match="valid variants: coco, default, demo, test"):
+  with pytest.raises(ValueError, match="valid variants: coco, default, demo, fmnist_scenes, test"):
     config_errors.load_config("configs/densecl.py:tst")
 
 

@@ -269,6 +269,27 @@ def folder(data_cfg: Any) -> Source:
 # ---------------------------------------------------------------------------- synthetic ---
 
 
+# The scene set is a fixed dataset, independent of the run's seed.
+_SCENES_DATA_SEED = 0
+
+
+@register("fmnist_scenes")
+def fmnist_scenes(data_cfg: Any) -> Source:
+  """Fashion-MNIST multi-object scenes (data/scenes.py, "pretrain" split: no probe garment),
+  `data_cfg.scenes_num_images` of `data_cfg.scenes_size` px, made once and held in memory."""
+  from dense_ssl.data import scenes  # pylint: disable=g-import-not-at-top
+  num = int(data_cfg.scenes_num_images)
+  if num < 1:
+    raise ValueError(f"config.data.scenes_num_images must be >= 1, got {num}.")
+  images = tf.constant(scenes.make_scenes(num, _SCENES_DATA_SEED, "pretrain",
+                                          int(data_cfg.scenes_size))["images"])
+
+  def load(index: tf.Tensor) -> Decoded:
+    return tf.gather(images, index), _no_skips()
+
+  return Source(name="fmnist_scenes", num_examples=num, load=load)
+
+
 @register("synthetic")
 def synthetic(data_cfg: Any) -> Source:
   """Random uint8 images of `data_cfg.image_size`, for benchmarks: no files, no decoding.
