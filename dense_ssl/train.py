@@ -328,20 +328,28 @@ def run(config: Any, workdir: str) -> TrainState:
   manager.close()
   writer.flush()
   if jax.process_index() == 0 and models.family(config.model.name) == "resnet":
-    _export_backbone(workdir)
+    _export_backbone(config.model.name, state, workdir)
   return state
 
 
-def _export_backbone(workdir: str) -> None:
-  """Writes the final backbone for detectron2 (.pkl) and, when torch is installed, torchvision."""
+def _export_backbone(model_name: str, state: TrainState, workdir: str) -> None:
+  """Writes the final backbone for detectron2 (.pkl) and, when torch is installed, torchvision.
+
+  Reads the replicated state from this process's own device copy, so no other process (and no
+  checkpoint read, which would need every process) is involved.
+  """
   from dense_ssl import export  # pylint: disable=g-import-not-at-top
+  local = lambda tree: jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+  params = local(state.params["backbone"])
+  stats = local(state.batch_stats.get("online", {}).get("backbone", {}))
   formats = ["detectron2"]
   if importlib.util.find_spec("torch") is not None:
     formats.append("torchvision")
   else:
     logging.info("torch is not installed: skipping the torchvision .pth export.")
   for fmt in formats:
-    logging.info("Exported the backbone for %s: %s", fmt, export.run(workdir, fmt))
+    path = export.export(model_name, params, stats, fmt, export.default_output(workdir, fmt))
+    logging.info("Exported the backbone for %s: %s", fmt, path)
 
 
 def _hms(seconds: float) -> str:

@@ -48,6 +48,8 @@ def test_two_processes_match_one_process(tmp_path):
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
   assert "process 0 of 2" in logs[0] and "process 1 of 2" in logs[1]
+  assert sorted(os.listdir(os.path.join(multi, "export"))) == sorted(
+      os.listdir(os.path.join(single, "export")))
 
   _, a = checkpoint.load_raw(single)
   _, b = checkpoint.load_raw(multi)
