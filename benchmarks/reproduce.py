@@ -123,6 +123,8 @@ def _config(method: str, variant: str, seed: int, total_steps: int | None) -> An
   config = config_errors.load_config(os.path.join(ROOT, f"configs/{method}.py:{variant}"))
   config.unlock()
   config.seed = seed
+  # The script evaluates every backbone itself, with evaluators built once (same data for all).
+  config.evals = type(config.evals)()
   if total_steps:
     config.total_epochs, config.total_steps = 0.0, total_steps
   config.lock()
@@ -149,8 +151,11 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
   from dense_ssl import evaluate, train
   from dense_ssl.evaluate import features
 
+  from dense_ssl import config_errors
   first = _config(methods[0], variant, seeds[0], total_steps)
-  evaluators = evaluate.from_config(evals or first.get("evals") or evaluate.DEFAULT_EVALS,
+  configured = config_errors.load_config(
+      os.path.join(ROOT, f"configs/{methods[0]}.py:{variant}")).get("evals")
+  evaluators = evaluate.from_config(evals or configured or evaluate.DEFAULT_EVALS,
                                     first.model.name)
   random_init = features.init_variables(first.model.name, seed=seeds[0])
   results, dense = evaluate_backbone(evaluators, random_init)

@@ -34,6 +34,11 @@ def base_config() -> ml_collections.ConfigDict:
       name="sgd", lr=0.03, momentum=0.9, weight_decay=1e-4, schedule="cosine",
       warmup_epochs=0.0, b1=0.9, b2=0.999))
 
+  # Frozen-backbone evaluators (dense_ssl/evaluate), by name: {"type": registered name, params}.
+  # They run on process 0 every `eval_every_steps` (0 = once, at the end) when any are set.
+  c.evals = ml_collections.ConfigDict()
+  c.eval_every_steps = 0
+
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
@@ -91,6 +96,10 @@ def fmnist_scenes_overrides(c: ml_collections.ConfigDict) -> None:
   c.method.bn_groups = 8
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
+  # The protocol of benchmarks/reproduce.py, also logged at the end of a run.
+  c.evals = ml_collections.ConfigDict(dict(
+      linear=dict(type="linear"), knn=dict(type="knn"), dense=dict(type="dense"),
+      corr=dict(type="correspondence")))
 
 
 def apply_variant(c: ml_collections.ConfigDict, arg: str | None,

@@ -222,6 +222,7 @@ def run(config: Any, workdir: str) -> TrainState:
 
   # --- Checks and logging ------------------------------------------------------------------
   check_config(config, jax.device_count(), jax.process_count())
+  evaluators = _create_evaluators(config)
   if jax.process_index() == 0:
     checkpoint.save_config(workdir, config)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
@@ -316,6 +317,10 @@ def run(config: Any, workdir: str) -> TrainState:
         t_log, step_log = time.perf_counter(), done
       if is_ckpt or preempted:
         checkpoint.save(manager, state, force=True)
+      # After the save: an evaluator that fails cannot cost the checkpoint.
+      if evaluators and not preempted and (
+          done == total_steps or config.eval_every_steps and done % config.eval_every_steps == 0):
+        _run_evals(evaluators, state, done, writer, workdir)
       if preempted:
         manager.wait_until_finished()
         writer.flush()
@@ -332,6 +337,36 @@ def run(config: Any, workdir: str) -> TrainState:
   return state
 
 
+def _create_evaluators(config: Any) -> dict[str, Any]:
+  """The evaluators of `config.evals` (built, so a bad entry fails before compiling)."""
+  evals = config.evals.to_dict() if "evals" in config else {}
+  if not evals:
+    return {}
+  from dense_ssl import evaluate  # pylint: disable=g-import-not-at-top
+  try:
+    return evaluate.from_config(evals, config.model.name)
+  except ValueError as e:
+    raise ValueError(f"config.evals: {e}") from None
+
+
+def _local_copy(tree: Any) -> Any:
+  """This process's copy of a replicated pytree, as host numpy (no other process involved)."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def _run_evals(evaluators: dict[str, Any], state: TrainState, step: int, writer: Any,
+               workdir: str) -> None:
+  """Runs the evaluators on the online backbone in process 0; logs and writes eval_<step>.json."""
+  if jax.process_index() != 0:
+    return
+  from dense_ssl.evaluate import runner  # pylint: disable=g-import-not-at-top
+  variables = {"params": _local_copy(state.params), "batch_stats": _local_copy(state.batch_stats)}
+  results = runner.run_timed(evaluators, variables)
+  writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+  path = runner.write_results(workdir, step, results)
+  logging.info("Evaluation at step %d (%s):\n%s", step, path, runner.format_table(results))
+
+
 def _export_backbone(model_name: str, state: TrainState, workdir: str) -> None:
   """Writes the final backbone for detectron2 (.pkl) and, when torch is installed, torchvision.
 
@@ -339,9 +374,8 @@ def _export_backbone(model_name: str, state: TrainState, workdir: str) -> None:
   checkpoint read, which would need every process) is involved.
   """
   from dense_ssl import export  # pylint: disable=g-import-not-at-top
-  local = lambda tree: jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
-  params = local(state.params["backbone"])
-  stats = local(state.batch_stats.get("online", {}).get("backbone", {}))
+  params = _local_copy(state.params["backbone"])
+  stats = _local_copy(state.batch_stats.get("online", {}).get("backbone", {}))
   formats = ["detectron2"]
   if importlib.util.find_spec("torch") is not None:
     formats.append("torchvision")

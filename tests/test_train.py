@@ -4,6 +4,7 @@ Runs the real trainer on the `test` variant (ResNet-18 at 64 px on the embedded 
 8 fake CPU devices from conftest.py.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -199,3 +200,25 @@ def test_non_finite_steps_never_reach_the_checkpoint(policy, tmp_path):
 def test_bad_configs_fail_before_compiling(override, expected, tmp_path):
   with pytest.raises(ValueError, match=expected):
     train.check_config(_config(**override), jax.device_count())
+
+
+def test_evaluators_of_config_evals_run_during_training(tmp_path):
+  """config.evals runs every eval_every_steps and at the end: logged and written per step."""
+  tiny_corr = {"type": "correspondence", "num_pairs": 4, "scene_size": 96, "image_size": 96}
+  config = _config("mocov2", total_steps=3, eval_every_steps=2, evals={"corr": tiny_corr})
+  train.run(config, str(tmp_path))
+  for step in (2, 3):
+    with open(tmp_path / f"eval_{step}.json") as f:
+      results = json.load(f)
+    assert results["step"] == step
+    assert 0.0 <= results["corr/argmax_acc_exact"] <= results["corr/argmax_acc"] <= 1.0
+    assert 0.0 < results["corr/chance_acc"] < 1.0
+    assert results["z/secs/corr"] > 0
+  assert not (tmp_path / "eval_1.json").exists()
+
+
+def test_a_bad_evaluator_config_fails_before_training(tmp_path):
+  config = _config("mocov2", evals={"probe": {"type": "linaer"}})
+  with pytest.raises(ValueError, match=r"config.evals: Unknown evaluator type 'linaer'; valid"):
+    train.run(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")

@@ -5,9 +5,21 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any, Mapping
 
 from dense_ssl import checkpoint
 from dense_ssl.evaluate import base
+
+
+def run_timed(evaluators: Mapping[str, base.Evaluator],
+              state_or_variables: Any) -> dict[str, float]:
+  """`base.run_all`, plus each evaluator's wall time as `z/secs/<name>`."""
+  results = {}
+  for name, evaluator in evaluators.items():
+    start = time.perf_counter()
+    results.update(base.run_all({name: evaluator}, state_or_variables))
+    results[f"z/secs/{name}"] = time.perf_counter() - start
+  return results
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None,
@@ -21,12 +33,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None,
   step, tree = checkpoint.load_raw(workdir, step)
   evaluators = base.from_config(config.get("evals") or base.DEFAULT_EVALS,
                                 config["model"]["name"], only)
-  results = {}
-  for name, evaluator in evaluators.items():
-    start = time.perf_counter()
-    results.update(base.run_all({name: evaluator}, tree))
-    results[f"z/secs/{name}"] = time.perf_counter() - start
-  return step, results
+  return step, run_timed(evaluators, tree)
 
 
 def format_table(results: dict[str, float]) -> str:
