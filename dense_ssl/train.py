@@ -60,6 +60,12 @@ def check_config(config: Any, num_devices: int, num_processes: int = 1) -> None:
     valid = [n for n in models.names() if models.family(n) in families]
     raise ValueError(f"config.model.name={config.model.name!r} cannot be used by method "
                      f"{config.method.name!r}; valid choices: {', '.join(valid)}.")
+  for key, value, valid in (("optim.name", config.optim.name, optim.OPTIMIZERS),
+                            ("optim.schedule", config.optim.schedule, optim.SCHEDULES),
+                            ("method.momentum_schedule",
+                             config.method.get("momentum_schedule", "constant"), ema.SCHEDULES)):
+    if value not in valid:
+      raise ValueError(f"Unknown config.{key}={value!r}; valid choices: {', '.join(valid)}.")
   if config.nan_policy not in NAN_POLICIES:
     raise ValueError(f"config.nan_policy={config.nan_policy!r}; valid choices: "
                      f"{', '.join(NAN_POLICIES)}.")
@@ -88,6 +94,7 @@ def check_config(config: Any, num_devices: int, num_processes: int = 1) -> None:
   if (config.total_epochs > 0) == (config.total_steps > 0):
     raise ValueError(f"Set exactly one of config.total_epochs ({config.total_epochs}) and "
                      f"config.total_steps ({config.total_steps}) to a positive value.")
+  create_evaluators(config)  # Builds nothing heavy (data loads on first use); checks the keys.
 
 
 def resolve_steps(config: Any, num_examples: int) -> tuple[int, int, int]:
@@ -118,7 +125,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, method: Any, c
   opt_updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, opt_updates)
 
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = state.replace(step=state.step + 1, params=params, target_params=target,
                             batch_stats=updates["batch_stats"], opt_state=opt_state,
@@ -131,8 +138,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, method: Any, c
   metrics.update({"train/loss": loss, "train/lr": lr_fn(state.step),
                   "train/momentum": jnp.asarray(momentum, jnp.float32),
                   "train/grad_norm": grad_norm,
-                  "train/param_norm": optax.global_norm(params),
-                  "train/update_norm": optax.global_norm(opt_updates),
+                  "train/param_norm": optax.tree.norm(params),
+                  "train/update_norm": optax.tree.norm(opt_updates),
                   "train/finite": finite.astype(jnp.float32)})
   return new_state, metrics
 
@@ -222,7 +229,7 @@ def run(config: Any, workdir: str) -> TrainState:
 
   # --- Checks and logging ------------------------------------------------------------------
   check_config(config, jax.device_count(), jax.process_count())
-  evaluators = _create_evaluators(config)
+  evaluators = create_evaluators(config)
   if jax.process_index() == 0:
     checkpoint.save_config(workdir, config)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
@@ -337,7 +344,7 @@ def run(config: Any, workdir: str) -> TrainState:
   return state
 
 
-def _create_evaluators(config: Any) -> dict[str, Any]:
+def create_evaluators(config: Any) -> dict[str, Any]:
   """The evaluators of `config.evals` (built, so a bad entry fails before compiling)."""
   evals = config.evals.to_dict() if "evals" in config else {}
   if not evals:
