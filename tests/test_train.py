@@ -155,6 +155,42 @@ def test_sigkill_then_rerun_continues_bitwise(reference_run, tmp_path):
   _assert_trees_equal(reference_run, _params(work))
 
 
+# Runs the entrypoint with orbax's final rename (tmp dir -> <step>) replaced by a SIGKILL of the
+# process for one step: the process dies mid-save after writing all the data, the most
+# tempting moment to leave a checkpoint that looks complete. (orbax internals: if they move,
+# this fails loudly rather than silently testing nothing.)
+_KILL_AT_RENAME = """
+import os, runpy, signal, sys
+from orbax.checkpoint._src.path import async_path
+_rename = async_path.rename
+async def rename(src, dst):
+  if dst.name == os.environ["KILL_AT_STEP"]:
+    os.kill(os.getpid(), signal.SIGKILL)
+  return await _rename(src, dst)
+async_path.rename = rename
+sys.argv = ["dense_ssl.main"] + sys.argv[1:]
+runpy.run_module("dense_ssl.main", run_name="__main__")
+"""
+
+
+def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(reference_run, tmp_path):
+  work = str(tmp_path)
+  flags = ["--config.checkpoint_every_steps=2", "--config.optim.schedule=constant"]
+  cmd = [sys.executable, "-c", _KILL_AT_RENAME] + _main(work, *flags,
+                                                        "--config.total_steps=100000")[3:]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                        env={**os.environ, "KILL_AT_STEP": "4"})
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  entries = os.listdir(os.path.join(work, "checkpoints"))
+  assert "2" in entries and "4" not in entries, entries
+  assert any(e.startswith("4.") and "tmp" in e for e in entries), entries  # the half-save
+  out = subprocess.run(_main(work, *flags, "--config.total_steps=12"), cwd=ROOT,
+                       capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Resumed from the checkpoint of step 2 " in out.stderr
+  _assert_trees_equal(reference_run, _params(work))
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path):
   work = str(tmp_path)
   proc = subprocess.Popen(_main(work, "--config.total_steps=100000",
