@@ -30,6 +30,7 @@ PREEMPTED_EXIT_CODE = 75
 NAN_POLICIES = ("stop", "skip_step")
 BN_MODES = ("shuffle", "sync", "none")
 MODEL_STRIDE = 32
+MAX_IN_FLIGHT = 2
 
 
 class NonFiniteError(RuntimeError):
@@ -179,6 +180,7 @@ class _PreemptionFlag:
 
   def __init__(self):
     self.raised = False
+    self.received_at = None
     self._old = None
 
   def __enter__(self):
@@ -191,6 +193,7 @@ class _PreemptionFlag:
   def _handle(self, signum, frame):
     del signum, frame
     self.raised = True
+    self.received_at = time.monotonic()
 
   def __exit__(self, *exc):
     if self._old is not None:
@@ -285,6 +288,10 @@ def run(config: Any, workdir: str) -> TrainState:
       t0 = time.perf_counter()
       state, metrics = p_step(state, batch)
       pending.append((step, metrics))
+      # At most MAX_IN_FLIGHT steps queued on the device: async dispatch would otherwise let the
+      # host run many steps ahead, and a SIGTERM would wait for all of them before the save.
+      if len(pending) > MAX_IN_FLIGHT:
+        jax.block_until_ready(pending[-1 - MAX_IN_FLIGHT][1])
       if compile_s is None:
         jax.block_until_ready(metrics)
         compile_s = time.perf_counter() - t0
@@ -331,8 +338,10 @@ def run(config: Any, workdir: str) -> TrainState:
       if preempted:
         manager.wait_until_finished()
         writer.flush()
-        logging.warning("SIGTERM: saved the checkpoint of step %d; exiting with code %d so the "
-                        "launcher can requeue.", done, PREEMPTED_EXIT_CODE)
+        since = time.monotonic() - (preempt.received_at or time.monotonic())
+        logging.warning("SIGTERM: saved the checkpoint of step %d %.1fs after the signal; exiting "
+                        "with code %d so the launcher can requeue.", done, since,
+                        PREEMPTED_EXIT_CODE)
         manager.close()
         raise Preempted(done)
 

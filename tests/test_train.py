@@ -6,6 +6,7 @@ Runs the real trainer on the `test` variant (ResNet-18 at 64 px on the embedded 
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -206,6 +207,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path):
   proc.send_signal(signal.SIGTERM)
   rest, _ = proc.communicate(timeout=300)
   assert proc.returncode == train.PREEMPTED_EXIT_CODE, log + rest
+  # Within a preemption grace period (30 s on GCE spot VMs): few steps are ever in flight.
+  saved_after = float(re.search(r"saved the checkpoint of step \d+ ([\d.]+)s after", rest)[1])
+  assert saved_after < 30, rest
   steps = [int(d) for d in os.listdir(os.path.join(work, "checkpoints")) if d.isdigit()]
   assert steps and max(steps) >= 1
 
