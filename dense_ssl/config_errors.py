@@ -22,6 +22,19 @@ def load_config(spec: str) -> Any:
   return module.get_config(arg or None)
 
 
+def override(config: Any, overrides: dict[str, Any]) -> Any:
+  """`config` with dotted keys set ({"optim.lr": 0.1}), as `--config.optim.lr=0.1` would; locked."""
+  config.unlock()
+  for key, value in overrides.items():
+    *path, last = key.split(".")
+    node = config
+    for name in path:
+      node = node[name]
+    node[last] = value
+  config.lock()
+  return config
+
+
 def explain(argv: list[str]) -> str | None:
   """The first bad `--config.` override in argv, explained; None if all keys exist."""
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)

@@ -49,18 +49,9 @@ def draw_cases(num: int, seed: int) -> list[tuple[str, dict]]:
 
 
 def make_config(method: str, overrides: dict):
-  c = config_errors.load_config(f"configs/{method}.py:test")
-  c.unlock()
-  c.total_steps = 2
-  c.checkpoint_every_steps = 2
-  for key, value in overrides.items():
-    *path, last = key.split(".")
-    node = c
-    for p in path:
-      node = node[p]
-    node[last] = value
-  c.lock()
-  return c
+  config = config_errors.load_config(f"configs/{method}.py:test")
+  return config_errors.override(config, {"total_steps": 2, "checkpoint_every_steps": 2,
+                                         **overrides})
 
 
 def _is_clear(error: BaseException) -> bool:

@@ -35,8 +35,9 @@ def load(source: sources.Source, index: int) -> tuple[np.ndarray, int]:
 
 
 def test_unknown_source_lists_the_valid_names():
-  with pytest.raises(ValueError, match=r"Unknown data source 'imagenet'.*'coco2017'.*"
-                     r"'demo'.*'folder'.*'imagenet2012'.*'synthetic'"):
+  with pytest.raises(ValueError, match=r"Unknown data source 'imagenet' \(config.data.source\); "
+                     r"valid choices: coco2017, demo, fmnist_scenes, folder, imagenet2012, "
+                     r"synthetic\."):
     sources.create(data_config(source="imagenet"))
 
 

@@ -31,6 +31,8 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
+from dense_ssl import registry
+
 Decoded = tuple[tf.Tensor, tf.Tensor]
 
 # Tags that separate the random streams derived from the one training seed.
@@ -62,32 +64,16 @@ class Source:
     return self.load is not None
 
 
-_REGISTRY: dict[str, Callable[[Any], Source]] = {}
-
-
-def register(name: str):
-  """Function decorator: makes a source factory `fn(data_cfg) -> Source` available by name."""
-
-  def wrap(fn):
-    if name in _REGISTRY:
-      raise ValueError(f"Data source {name!r} is registered twice.")
-    _REGISTRY[name] = fn
-    return fn
-
-  return wrap
-
-
-def names() -> list[str]:
-  return sorted(_REGISTRY)
+_REGISTRY: registry.Registry[Callable[[Any], Source]] = registry.Registry(
+    "data source", "config.data.source")
+# Function decorator: makes a source factory `fn(data_cfg) -> Source` available by name.
+register = _REGISTRY.register
+names = _REGISTRY.names
 
 
 def create(data_cfg: Any) -> Source:
   """Builds the source named by `data_cfg.source`."""
-  name = data_cfg.source
-  if name not in _REGISTRY:
-    raise ValueError(f"Unknown data source {name!r}; set config.data.source to one of "
-                     f"{names()}.")
-  return _REGISTRY[name](data_cfg)
+  return _REGISTRY.get(data_cfg.source)(data_cfg)
 
 
 def _no_skips() -> tf.Tensor:

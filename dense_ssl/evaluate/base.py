@@ -12,6 +12,8 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
+from dense_ssl import registry
+
 
 # `config.evals` of a run whose config sets none: every evaluator with its defaults (the
 # fmnist-scene protocol of benchmarks/reproduce.py).
@@ -30,30 +32,16 @@ class Evaluator(Protocol):
     ...
 
 
-_REGISTRY: dict[str, Callable[..., Evaluator]] = {}
-
-
-def register(name: str):
-  """Class decorator: makes an evaluator constructible as `type: name`."""
-
-  def wrap(cls):
-    if name in _REGISTRY:
-      raise ValueError(f"Evaluator {name!r} is registered twice.")
-    _REGISTRY[name] = cls
-    return cls
-
-  return wrap
-
-
-def names() -> list[str]:
-  return sorted(_REGISTRY)
+_REGISTRY: registry.Registry[Callable[..., Evaluator]] = registry.Registry(
+    "evaluator type", "the `type` of a config.evals entry")
+# Class decorator: makes an evaluator constructible as `type: name`.
+register = _REGISTRY.register
+names = _REGISTRY.names
 
 
 def create(type_name: str, model_name: str, **params: Any) -> Evaluator:
   """Builds the evaluator registered as `type_name` for the backbone `model_name`."""
-  if type_name not in _REGISTRY:
-    raise ValueError(f"Unknown evaluator type {type_name!r}; valid types: {', '.join(names())}.")
-  cls = _REGISTRY[type_name]
+  cls = _REGISTRY.get(type_name)
   valid = [p for p in inspect.signature(cls).parameters if p != "model_name"]
   unknown = sorted(set(params) - set(valid))
   if unknown:

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from dense_ssl import registry
+
 Variables = dict[str, Any]
 LossOutput = tuple[jax.Array, tuple[dict[str, Any], dict[str, jax.Array]]]
 
@@ -35,37 +37,21 @@ class Method(Protocol):
     ...
 
 
-_REGISTRY: dict[str, Callable[[Any], Method]] = {}
-
-
-def register(name: str):
-  """Class decorator: makes a method constructible by `create(config)` under `name`."""
-
-  def wrap(cls):
-    if name in _REGISTRY:
-      raise ValueError(f"Method {name!r} is registered twice.")
-    _REGISTRY[name] = cls
-    return cls
-
-  return wrap
-
-
-def names() -> list[str]:
-  return sorted(_REGISTRY)
+_REGISTRY: registry.Registry[Callable[[Any], Method]] = registry.Registry(
+    "method", "config.method.name")
+# Class decorator: makes a method constructible by `create(config)` under a name.
+register = _REGISTRY.register
+names = _REGISTRY.names
 
 
 def backbone_families(name: str) -> tuple[str, ...]:
   """The backbone families ("resnet", "vit") method `name` works with (default: ResNets)."""
-  return getattr(_REGISTRY[name], "backbone_families", ("resnet",))
+  return getattr(_REGISTRY.get(name), "backbone_families", ("resnet",))
 
 
 def create(config: Any) -> Method:
   """Builds the method named by `config.method.name` from the whole config."""
-  name = config.method.name
-  if name not in _REGISTRY:
-    raise ValueError(f"Unknown method {name!r} (config.method.name); valid choices: "
-                     f"{', '.join(names())}.")
-  return _REGISTRY[name](config)
+  return _REGISTRY.get(config.method.name)(config)
 
 
 # ---------------------------------------------------------------------------------------------
