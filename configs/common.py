@@ -88,7 +88,7 @@ def fmnist_scenes_overrides(c: ml_collections.ConfigDict) -> None:
   """Fashion-MNIST scenes (benchmarks/reproduce.py): ResNet-18, one budget for every method.
 
   Views at the scenes' own 96 px (a 3x3 grid of 32 px cells, about one garment each): upsampled
-  crops would add compute and no information. About 3 s per step on 2 CPU cores.
+  crops would add compute and no information.
   """
   c.model.name = "resnet18"
   c.data.update(dict(source="fmnist_scenes", image_size=96))
