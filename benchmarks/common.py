@@ -90,8 +90,8 @@ def fallback_config(method: str) -> AttrDict:
                    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
       optim=dict(name="sgd", lr=0.03, momentum=0.9, weight_decay=1e-4, schedule="cosine",
                  warmup_epochs=0.0, b1=0.9, b2=0.999),
-      method=m, log_every_steps=50, checkpoint_every_steps=1000, keep_checkpoints=3,
-      nan_policy="stop")
+      method=m, evals={}, eval_every_steps=0, log_every_steps=50, checkpoint_every_steps=1000,
+      keep_checkpoints=3, nan_policy="stop")
 
 
 def project_config(method: str) -> tuple[AttrDict, str]:
