@@ -121,14 +121,10 @@ def evaluate_backbone(evaluators: dict[str, Any], variables: Any) -> tuple[dict[
 def _config(method: str, variant: str, seed: int, total_steps: int | None) -> Any:
   from dense_ssl import config_errors
   config = config_errors.load_config(os.path.join(ROOT, f"configs/{method}.py:{variant}"))
-  config.unlock()
-  config.seed = seed
-  # The script evaluates every backbone itself, with evaluators built once (same data for all).
-  config.evals = type(config.evals)()
+  overrides = {"seed": seed}
   if total_steps:
-    config.total_epochs, config.total_steps = 0.0, total_steps
-  config.lock()
-  return config
+    overrides.update(total_epochs=0.0, total_steps=total_steps)
+  return config_errors.override(config, overrides)
 
 
 def _budget(config: Any) -> str:
@@ -148,14 +144,11 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
   evaluators are built once, so every backbone is scored on the same held-out data.
   """
   import jax
-  from dense_ssl import evaluate, train
+  from dense_ssl import config_errors, evaluate, train
   from dense_ssl.evaluate import features
 
-  from dense_ssl import config_errors
   first = _config(methods[0], variant, seeds[0], total_steps)
-  configured = config_errors.load_config(
-      os.path.join(ROOT, f"configs/{methods[0]}.py:{variant}")).get("evals")
-  evaluators = evaluate.from_config(evals or configured or evaluate.DEFAULT_EVALS,
+  evaluators = evaluate.from_config(evals or first.evals or evaluate.DEFAULT_EVALS,
                                     first.model.name)
   random_init = features.init_variables(first.model.name, seed=seeds[0])
   results, dense = evaluate_backbone(evaluators, random_init)
@@ -163,7 +156,9 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
   dense_results = {"random init": dense}
   for method in methods:
     for seed in seeds:
-      config = _config(method, variant, seed, total_steps)
+      # The script evaluates every backbone itself, with the evaluators built once above (same
+      # held-out data for all), so the runs' own end-of-training evaluation is switched off.
+      config = config_errors.override(_config(method, variant, seed, total_steps), {"evals": {}})
       start = time.perf_counter()
       state = train.run(config, os.path.join(workdir, f"{method}_seed{seed}"))
       wall = time.perf_counter() - start
