@@ -179,8 +179,7 @@ class _PreemptionFlag:
   """Turns SIGTERM (Cloud TPU, SLURM, Kubernetes) into a flag the loop checks every step."""
 
   def __init__(self):
-    self.raised = False
-    self.received_at = None
+    self.received_at: float | None = None  # time.monotonic() of the signal
     self._old = None
 
   def __enter__(self):
@@ -192,8 +191,11 @@ class _PreemptionFlag:
 
   def _handle(self, signum, frame):
     del signum, frame
-    self.raised = True
     self.received_at = time.monotonic()
+
+  @property
+  def raised(self) -> bool:
+    return self.received_at is not None
 
   def __exit__(self, *exc):
     if self._old is not None:
