@@ -8,6 +8,7 @@ by `dense_ssl.parity`, which feeds it the reference vectors' backbone maps.
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import flax.linen as nn
@@ -52,10 +53,10 @@ def embedding_std(x: jax.Array) -> jax.Array:
   return jnp.mean(jnp.std(base.l2_normalize(x.astype(jnp.float32)), axis=0))
 
 
-class TwoEncoderMethod:
+class TwoEncoderMethod(abc.ABC):
   """What MoCo-v2, DenseCL and HoughCL share: config reading, the two encoder passes, init.
 
-  Subclasses set `make_neck()`, `init_extra(rng, dim)` and `objective(...)`.
+  Subclasses define `make_neck()`, `init_extra(rng)` and `loss(...)`.
   """
 
   def __init__(self, config: Any):
@@ -75,11 +76,13 @@ class TwoEncoderMethod:
                                    zero_init_residual=bool(config.model.zero_init_residual))
     self.encoder = Encoder(backbone=backbone, neck=self.make_neck())
 
+  @abc.abstractmethod
   def make_neck(self) -> nn.Module:
-    raise NotImplementedError
+    """The projection head after the backbone (global and, for dense methods, dense)."""
 
+  @abc.abstractmethod
   def init_extra(self, rng: jax.Array) -> dict[str, queues.Queue]:
-    raise NotImplementedError
+    """The method's non-parameter state (its queues), as `TrainState.extra`."""
 
   def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> base.Variables:
     """Online and target encoders start identical; each keeps its own BN statistics."""
