@@ -76,7 +76,7 @@ def fallback_config(method: str) -> AttrDict:
   m = dict(name=method, temperature=0.2, queue_size=65536, momentum=0.999,
            momentum_schedule="constant", dim=128, hidden=2048, bn="shuffle", bn_groups=8)
   if method != "mocov2":
-    m.update(loss_lambda=0.5, dense_chunk=0)
+    m.update(loss_lambda=0.5, dense_chunk=4096)
   return AttrDict(
       seed=0, batch_size=256, total_epochs=200.0, total_steps=0,
       model=dict(name="resnet50", zero_init_residual=False, half_precision=False),

@@ -11,7 +11,7 @@ from configs import common, densecl
 
 def get_config(arg=None):
   c = common.base_config()
-  c.method = common.moco_method(name="houghcl", loss_lambda=0.5, dense_chunk=0)
+  c.method = common.moco_method(name="houghcl", loss_lambda=0.5, dense_chunk=4096)
   return common.apply_variant(c, arg, {"default": None, "coco": densecl.coco,
                                        "demo": common.demo_overrides,
                                        "test": common.test_overrides,

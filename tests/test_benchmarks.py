@@ -94,13 +94,32 @@ def test_step_prints_table_and_ratios(capsys):
     assert math.isnan(row["MFU"])  # CPU: no peak FLOP/s, no MFU
   (ratio,) = out["ratios"]
   assert ratio["method"] == "densecl" and _positive(ratio["time_ratio"])
-  # The dense neck and the dense logits add FLOPs to MoCo-v2's.
+  # The dense neck and the dense logits add FLOPs to MoCo-v2's; counted with the logits
+  # materialised although the step ran the chunked loss (the default).
+  assert out["rows"][1]["spec"].dense_chunk > 0
   assert ratio["flop_ratio"] > 1.0
-  assert re.search(r"^DenseCL/MoCo-v2 step time " + NUMBER + r" .* XLA FLOP ratio " + NUMBER,
+  assert re.search(r"^DenseCL/MoCo-v2 step time " + NUMBER + r" .* model FLOP ratio " + NUMBER,
                    text, re.M)
   last = text.strip().splitlines()[-1]
   match = re.fullmatch(r"DenseCL/MoCo-v2 = " + NUMBER, last)
   assert match and _positive(float(match.group(1))), last
+
+
+def test_dense_loss_chunked_equals_materialised_with_less_memory(capsys):
+  from benchmarks import dense_loss  # pylint: disable=g-import-not-at-top
+  # 8 images x 4x4 cells against a 4000-row queue; 96 does not divide 4000 (padded last chunk).
+  rows = dense_loss.main(["--batch=8", "--chunks=96", "--grid=4", "--queue=4000", "--dim=16",
+                          "--repeats=1", "--iters=1"])
+  text = capsys.readouterr().out
+  plain, chunked = rows
+  assert (plain["chunk"], chunked["chunk"]) == ("none", 96) and plain["rows"] == 128
+  assert chunked["max rel diff"] < 1e-5
+  assert all(_positive(r["ms"]) and _positive(r["compile s"]) for r in rows)
+  # XLA's temporaries: (128, 4000) logits and their gradient vs a (128, 96) chunk at a time
+  # (plus the zero-padded copy of the queue).
+  assert chunked["temp"] < plain["temp"] / 4
+  assert re.search(r"^batch 8 \(128 rows x 4000\): chunk 96 / materialised: time " + NUMBER +
+                   r", temp memory " + NUMBER, text, re.M)
 
 
 def _fake_row(method, model, size, times, flops):
@@ -115,14 +134,18 @@ def test_ratios_pair_interleaved_rounds_and_pick_the_headline():
           _fake_row("mocov2", "resnet50", 224, [4.0, 4.0], 30.0),
           _fake_row("densecl", "resnet50", 224, [4.4, 4.8], 33.0)]
   out = step.ratios(rows)
-  by = {(r["method"], r["group"].model): r for r in out}
+  by = {(r["method"], r["group"].model): r for r in out if r["base"] == "mocov2"}
   assert by["densecl", "resnet18"]["time_ratio"] == pytest.approx(1.25)  # median(1.5, 1.0)
   assert by["houghcl", "resnet18"]["time_ratio"] == pytest.approx(1.2)
   assert by["houghcl", "resnet18"]["flop_ratio"] == pytest.approx(1.2)
+  # HoughCL is also paired with DenseCL, its real baseline: median(0.8, 1.2) = 1.0.
+  (hough_dense,) = [r for r in out if r["method"] == "houghcl" and r["base"] == "densecl"]
+  assert hough_dense["time_ratio"] == pytest.approx(1.0)
   best = step.headline(out)
   assert best["group"].model == "resnet50"
   assert best["time_ratio"] == pytest.approx(1.15) and best["flop_ratio"] == pytest.approx(1.1)
   assert "HoughCL/MoCo-v2 step time 1.20" in step.ratio_line(by["houghcl", "resnet18"])
+  assert "HoughCL/DenseCL step time 1.00" in step.ratio_line(hough_dense)
 
 
 def test_step_scaling_one_vs_eight_devices(capsys):
