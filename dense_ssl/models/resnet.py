@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dense_ssl.models import conv
+
 # torchvision: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"), an untruncated
 # normal with variance 2 / (out_channels * kh * kw).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -44,7 +46,8 @@ def _conv(features: int, kernel: int, strides: int, name: str, dtype: Any) -> nn
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
                  padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=conv_kernel_init, dtype=dtype, name=name)
+                 kernel_init=conv_kernel_init, dtype=dtype, name=name,
+                 conv_general_dilated=conv.conv_general_dilated)
 
 
 def _norm(train: bool, name: str, dtype: Any, zero_scale: bool = False) -> nn.BatchNorm:
@@ -136,7 +139,7 @@ class ResNet(nn.Module):
     x = jnp.asarray(x, self.dtype)
     x = _conv(64, 7, 2, "conv1", self.dtype)(x)
     x = nn.relu(_norm(train, "bn1", self.dtype)(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = conv.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
