@@ -128,7 +128,14 @@ def apply_grouped(module: nn.Module, variables: Variables, x: jax.Array, *, grou
     if groups % n_dev:
       raise ValueError(f"{groups} BatchNorm groups cannot be spread over {n_dev} devices; "
                        f"use a multiple of {n_dev} (config.method.bn_groups).")
-    local = lambda v, xx: run_local(v, xx, groups // n_dev, "data")
+
+    def local(v, xx):
+      # The replicated variables become explicitly device-varying (whose transpose sums their
+      # gradients over devices, as the implicit cast would): custom-VJP layers such as
+      # models/conv.py's must return gradients of their inputs' exact varying-axes type.
+      v = jax.tree.map(lambda a: jax.lax.pcast(a, "data", to="varying"), v)
+      return run_local(v, xx, groups // n_dev, "data")
+
     out, stats = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")),
                                out_specs=(P("data"), P()))(variables, x)
   else:
