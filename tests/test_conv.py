@@ -126,7 +126,7 @@ def test_resnet18_gradients_match_pytorch_on_photos():
   x = _photos(96)
   net = models.get_backbone("resnet18")
   variables = net.init(jax.random.key(0), x)
-  cotangent = np.asarray(jax.random.normal(jax.random.key(5), (3, 3, 3, 512)), np.float32)
+  cotangent = np.array(jax.random.normal(jax.random.key(5), (3, 3, 3, 512)), np.float32)
 
   def loss(params):
     y, _ = net.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
