@@ -20,8 +20,8 @@ by definition does not count, and XLA counts a loop body only once.
 
 Methods that differ only in their loss are timed in interleaved rounds (MoCo-v2, DenseCL,
 HoughCL, MoCo-v2, ...), so noise from a shared machine hits all of them alike, and their step
-time ratios are paired per round (HoughCL/DenseCL too). The last printed line is `DenseCL/MoCo-v2 = <ratio>`: the
-step-time ratio (>1 means DenseCL is slower) of the headline configuration (ResNet-50 at 224,
+time ratios are paired per round (HoughCL/DenseCL too). The last printed line is
+`DenseCL/MoCo-v2 = <ratio>`: the step-time ratio (>1 means DenseCL is slower) of the headline configuration (ResNet-50 at 224,
 bfloat16 on accelerators, when measured).
 """
 

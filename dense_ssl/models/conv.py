@@ -40,9 +40,10 @@ Padding = tuple[tuple[int, int], ...]
 
 
 def _taps(x: jax.Array, kernel: tuple[int, int], strides: tuple[int, int], padding: Padding,
-          out_hw: tuple[int, int]) -> list[jax.Array]:
-  """The input values each kernel tap (i, j) meets, as (N, Ho, Wo, C) arrays, row-major taps."""
-  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+          out_hw: tuple[int, int], fill: float = 0.0) -> list[jax.Array]:
+  """The input values each kernel tap (i, j) meets, as (N, Ho, Wo, C) arrays, row-major taps;
+  `padding` adds `fill`."""
+  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=fill)
   n, _, _, c = x.shape
   (ho, wo), (sh, sw) = out_hw, strides
   return [lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
@@ -140,8 +141,7 @@ def _pool_bwd(window, strides, padding, x, g):
   n, h, w, c = x.shape
   (ho, wo), (sh, sw) = g.shape[1:3], strides
   # -inf padding never wins a window that holds a real element (every window does here).
-  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
-  taps = _taps(xp, window, strides, ((0, 0), (0, 0)), (ho, wo))
+  taps = _taps(x, window, strides, padding, (ho, wo), fill=-jnp.inf)
   # The first maximal tap of each window in row-major order, found from the taps alone:
   # comparing with the forward output instead breaks when XLA recomputes the input in another
   # fusion with different rounding (measured: a ResNet's stem gradient 30% off under jit).
@@ -152,7 +152,7 @@ def _pool_bwd(window, strides, padding, x, g):
   # Padded-input rows split into `sh` phases (row r = a * sh + phase); tap i of output row o
   # reads row o * sh + i, i.e. phase i % sh at a = o + i // sh. So each tap's gradient is a
   # shifted add into one phase array, and interleaving the phases gives the input gradient.
-  rows, cols = -(-xp.shape[1] // sh), -(-xp.shape[2] // sw)
+  rows, cols = -(-(h + sum(padding[0])) // sh), -(-(w + sum(padding[1])) // sw)
   phases = {}
   for index in range(len(taps)):
     i, j = divmod(index, window[1])
