@@ -232,6 +232,24 @@ def peak_memory(device: Any) -> tuple[float, str]:
   return float(rss_high_water_bytes()), "process RSS high-water (fallback: no device stats)"
 
 
+def compiled_bytes(compiled: Any, what: str = "footprint") -> float:
+  """XLA's memory analysis of a compiled computation, per device, in bytes (nan if absent).
+
+  `what="footprint"`: arguments + outputs - donated aliases + temporaries; `"temp"`: the
+  temporaries alone.
+  """
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  (backends without memory analysis)
+    return float("nan")
+  if m is None:
+    return float("nan")
+  if what == "temp":
+    return float(m.temp_size_in_bytes)
+  return float(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes +
+               m.temp_size_in_bytes)
+
+
 def peak_flops(device_kind: str, platform_name: str, override_tflops: float = 0.0) -> float:
   """Peak FLOP/s of one device for MFU; 0 on CPUs and unknown devices (MFU not reported)."""
   if override_tflops > 0:

@@ -59,13 +59,6 @@ def inputs(rows: int, queue: int, dim: int, seed: int = 0) -> tuple[jax.Array, .
   return q, k, unit(jax.random.normal(kqueue, (queue, dim)))
 
 
-def _temp_bytes(compiled: Any) -> float:
-  try:
-    return float(compiled.memory_analysis().temp_size_in_bytes)
-  except Exception:  # pylint: disable=broad-except  (backends without memory analysis)
-    return float("nan")
-
-
 def _rel_diff(a: Any, b: Any) -> float:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
@@ -82,7 +75,7 @@ class Case:
     start = time.perf_counter()
     self.compiled = fn.lower(*self.args).compile()
     self.compile_s = time.perf_counter() - start
-    self.temp_bytes = _temp_bytes(self.compiled)
+    self.temp_bytes = common.compiled_bytes(self.compiled, "temp")
     self.value = jax.block_until_ready(self.compiled(*self.args))  # also the warm-up call
 
   def run_round(self, iters: int) -> float:

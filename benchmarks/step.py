@@ -153,18 +153,6 @@ def _flops(stage: Any) -> float:
   return float((cost or {}).get("flops", float("nan")))
 
 
-def _xla_bytes(compiled: Any) -> float:
-  """Arguments + outputs - donated aliases + temporaries of the compiled step, per device."""
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return float("nan")
-  if m is None:
-    return float("nan")
-  return float(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes +
-               m.temp_size_in_bytes)
-
-
 class JaxStep:
   """The compiled `train_step` of one spec with its state and batch, ready to be timed.
 
@@ -208,7 +196,7 @@ class JaxStep:
         plain = dataclasses.replace(spec, dense_chunk=0).config()
         lowered = jitted_step(plain).lower(self.state, self.batch)
       self.flops = _flops(lowered)
-    self.xla_bytes = _xla_bytes(self.compiled)
+    self.xla_bytes = common.compiled_bytes(self.compiled)
 
     metrics = None
     for _ in range(max(warmup, 1)):

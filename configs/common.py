@@ -24,7 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       **IMAGENET, image_size=224, crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True,
       shuffle_buffer=10_000, demo_num_images=1024, prefetch=2, scenes_num_images=10_000,
-      scenes_size=96))
+      scenes_size=96, folder_decoder="tf"))
   # MoCo-v2 augmentation; pairs are (view1, view2).
   c.augment = ml_collections.ConfigDict(dict(
       brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_prob=(0.8, 0.8),

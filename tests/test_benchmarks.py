@@ -2,9 +2,9 @@
 
 No timing thresholds (timed tests are forbidden here): the tests check that every script
 prints its table and its ratio lines and that the numbers are positive and finite. ResNet-18 at
-64 px, batch 8, a 64-entry queue and narrow necks keep each step small; a persistent compilation
-cache shared by the tests of this file lets later scripts load the steps that earlier ones
-compiled (the same configuration compiles to the same executable).
+64 px, batch 8, a 64-entry queue and narrow necks keep each step small; the session's persistent
+compilation cache (conftest.py) lets later scripts load the steps that earlier ones compiled
+(the same configuration compiles to the same executable).
 """
 
 import math
@@ -14,7 +14,6 @@ import re
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from benchmarks import common
 from benchmarks import step
@@ -24,22 +23,6 @@ from benchmarks import step
 TINY = ["--models=resnet18", "--sizes=64", "--batch=8", "--queue=64", "--hidden=64", "--dim=16",
         "--dtypes=float32", "--warmup=1", "--iters=1", "--bn=sync"]
 NUMBER = r"([-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?|n/a)"
-_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                  "jax_persistent_cache_min_entry_size_bytes")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def shared_compilation_cache(tmp_path_factory):
-  """A persistent compilation cache for this module only; the previous settings come back."""
-  old = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-  compilation_cache.reset_cache()
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield
-  for name, value in old.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
 
 
 def _positive(value):

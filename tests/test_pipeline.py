@@ -145,7 +145,8 @@ def _png(array: np.ndarray, mode: str | None = None, fmt: str = "PNG") -> bytes:
   return buffer.getvalue()
 
 
-def test_folder_with_bad_files_trains_on_and_counts_them(tmp_path):
+@pytest.mark.parametrize("decoder", ["tf", "pil"])
+def test_folder_with_bad_files_trains_on_and_counts_them(tmp_path, decoder):
   photo = skimage.data.astronaut()[::8, ::8]
   jpeg = _png(photo, fmt="JPEG")
   files = {
@@ -162,7 +163,8 @@ def test_folder_with_bad_files_trains_on_and_counts_them(tmp_path):
   names = [os.path.basename(p) for p in sources.list_images(str(tmp_path))]
 
   steps, batch_size = 4, 4  # 16 positions: two epochs of 8 files
-  it = pipeline.create_iterator(data_config(source="folder", folder=str(tmp_path)),
+  it = pipeline.create_iterator(data_config(source="folder", folder=str(tmp_path),
+                                            folder_decoder=decoder),
                                 global_batch_size=batch_size, grid=GRID, seed=1,
                                 process_index=0, process_count=1)
   for batch in take(it, steps):
@@ -176,6 +178,26 @@ def test_folder_with_bad_files_trains_on_and_counts_them(tmp_path):
       index += 1
   assert it.skipped_images == expected
   assert expected >= 2 * len(bad)  # every bad file is met once per epoch
+
+
+def test_damaged_jpeg_that_looks_complete_names_the_decoder_setting(tmp_path):
+  """TF's decoder cannot skip a file: the error says how to switch to PIL, which does."""
+  jpeg = _png(skimage.data.astronaut()[::8, ::8], fmt="JPEG")
+  (tmp_path / "a_good.jpg").write_bytes(jpeg)
+  # Intact start and end markers around a destroyed header: passes the completeness check.
+  (tmp_path / "b_damaged.jpg").write_bytes(jpeg[:3] + b"\x00" * 200 + jpeg[-2:])
+
+  def first_batches(decoder):
+    it = pipeline.create_iterator(
+        data_config(source="folder", folder=str(tmp_path), folder_decoder=decoder),
+        global_batch_size=2, grid=GRID, seed=0, process_index=0, process_count=1)
+    return take(it, 2), it.skipped_images
+
+  with pytest.raises(ValueError, match="config.data.folder_decoder=pil"):
+    first_batches("tf")
+  batches, skipped = first_batches("pil")
+  assert skipped == 2  # the damaged file was met twice in two epochs and replaced both times
+  check_layout(batches[0], 2)
 
 
 # ------------------------------------------------------------------------------- tfds ---

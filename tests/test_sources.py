@@ -136,9 +136,10 @@ def test_folder_lists_images_recursively_and_in_order(image_folder):
   assert [os.path.relpath(p, root) for p in paths] == sorted(good.keys() | bad)
 
 
-def test_folder_decodes_every_kind_of_good_image(image_folder):
+@pytest.mark.parametrize("decoder", sources.FOLDER_DECODERS)
+def test_folder_decodes_every_kind_of_good_image(image_folder, decoder):
   root, good, _ = image_folder
-  source = sources.create(data_config(source="folder", folder=root))
+  source = sources.create(data_config(source="folder", folder=root, folder_decoder=decoder))
   paths = [os.path.relpath(p, root) for p in sources.list_images(root)]
   assert source.num_examples == len(paths)
   for index, rel in enumerate(paths):
@@ -152,9 +153,10 @@ def test_folder_decodes_every_kind_of_good_image(image_folder):
     assert error < (4 if lossy else 1e-9), (rel, error)
 
 
-def test_folder_replaces_bad_files_by_the_next_good_one_and_counts_them(image_folder):
+@pytest.mark.parametrize("decoder", sources.FOLDER_DECODERS)
+def test_folder_replaces_bad_files_by_the_next_good_one_and_counts_them(image_folder, decoder):
   root, good, bad = image_folder
-  source = sources.create(data_config(source="folder", folder=root))
+  source = sources.create(data_config(source="folder", folder=root, folder_decoder=decoder))
   paths = [os.path.relpath(p, root) for p in sources.list_images(root)]
   total_skipped = 0
   for index, rel in enumerate(paths):
@@ -170,9 +172,10 @@ def test_folder_replaces_bad_files_by_the_next_good_one_and_counts_them(image_fo
   assert total_skipped >= len(bad)
 
 
-def test_folder_decoding_inside_tf_data(image_folder):
+@pytest.mark.parametrize("decoder", sources.FOLDER_DECODERS)
+def test_folder_decoding_inside_tf_data(image_folder, decoder):
   root, _, bad = image_folder
-  source = sources.create(data_config(source="folder", folder=root))
+  source = sources.create(data_config(source="folder", folder=root, folder_decoder=decoder))
   ds = tf.data.Dataset.range(source.num_examples).map(source.load, num_parallel_calls=4,
                                                       deterministic=True)
   results = list(ds.as_numpy_iterator())
@@ -182,6 +185,25 @@ def test_folder_decoding_inside_tf_data(image_folder):
     np.testing.assert_array_equal(image, eager_image)
     assert skipped == eager_skipped
   assert sum(int(s) for _, s in results) >= len(bad)
+
+
+def test_folder_jpegs_decode_alike_with_tensorflow_and_pil(image_folder):
+  """The fast path (tf.io.decode_jpeg) gives PIL's pixels exactly, CMYK included."""
+  root, good, _ = image_folder
+  fast = sources.create(data_config(source="folder", folder=root, folder_decoder="tf"))
+  slow = sources.create(data_config(source="folder", folder=root, folder_decoder="pil"))
+  paths = [os.path.relpath(p, root) for p in sources.list_images(root)]
+  jpegs = [i for i, rel in enumerate(paths) if rel in good and rel.endswith(".jpg")]
+  assert len(jpegs) == 2
+  for index in jpegs:
+    (a, skipped_a), (b, skipped_b) = load(fast, index), load(slow, index)
+    assert a.shape == b.shape and skipped_a == skipped_b == 0
+    np.testing.assert_array_equal(a, b, err_msg=paths[index])
+
+
+def test_folder_rejects_an_unknown_decoder(image_folder):
+  with pytest.raises(ValueError, match="config.data.folder_decoder='opencv'.*tf, pil"):
+    sources.create(data_config(source="folder", folder=image_folder[0], folder_decoder="opencv"))
 
 
 @pytest.mark.parametrize("setup, message", [

@@ -134,7 +134,16 @@ class Batches(Iterator[dict[str, np.ndarray]]):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._iterator)
+    try:
+      batch = next(self._iterator)
+    except tf.errors.InvalidArgumentError as error:
+      # Sources skip undecodable files; what reaches here is a JPEG that looked complete to
+      # the folder source's TensorFlow decoder (sources.folder) but is damaged inside.
+      raise ValueError(
+          f"The input pipeline could not decode an image ({error.message.splitlines()[0]}). "
+          "If config.data.source='folder', a JPEG file there is damaged inside: set "
+          "--config.data.folder_decoder=pil (PIL decodes every file and skips the ones it "
+          "cannot) or remove the file.") from error
     self.skipped_images += int(batch.pop(_SKIPPED).sum())
     return batch
 
