@@ -83,7 +83,7 @@ def fallback_config(method: str) -> AttrDict:
       data=dict(source="imagenet2012", data_dir="", folder="", split="train", image_size=224,
                 crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True,
                 shuffle_buffer=10_000, demo_num_images=1024, prefetch=2,
-                scenes_num_images=10_000, scenes_size=96),
+                scenes_num_images=10_000, scenes_size=96, folder_decoder="tf"),
       augment=dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
                    jitter_prob=(0.8, 0.8), grey_prob=(0.2, 0.2), blur_prob=(0.5, 0.5),
                    blur_sigma=(0.1, 2.0), solarize_prob=(0.0, 0.0),

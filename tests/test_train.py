@@ -198,11 +198,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path):
   proc.send_signal(signal.SIGTERM)
   rest, _ = proc.communicate(timeout=300)
   assert proc.returncode == train.PREEMPTED_EXIT_CODE, log + rest
-  # Within a preemption grace period (30 s on GCE spot VMs): few steps are ever in flight.
-  saved_after = float(re.search(r"saved the checkpoint of step \d+ ([\d.]+)s after", rest)[1])
-  assert saved_after < 30, rest
+  # What keeps the save inside a preemption grace period (30 s on GCE spot VMs) is that few
+  # steps are ever in flight: the signal came after step 1, so the loop must stop within the
+  # dispatched steps (MAX_IN_FLIGHT) plus the one that saw the signal, and a slack step for
+  # this test reading the log late. Seconds are not asserted: on a loaded CI machine they
+  # measure the machine (benchmarks do timing).
+  saved_step = int(re.search(r"saved the checkpoint of step (\d+) [\d.]+s after", rest)[1])
+  assert 1 <= saved_step <= 1 + train.MAX_IN_FLIGHT + 2, rest
   steps = [int(d) for d in os.listdir(os.path.join(work, "checkpoints")) if d.isdigit()]
-  assert steps and max(steps) >= 1
+  assert max(steps) == saved_step, steps
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip_step"])

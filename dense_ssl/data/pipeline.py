@@ -29,6 +29,8 @@ Determinism guarantees:
     decodes only its own rows. Prepare with file_format='array_record' to avoid both costs.
   * Undecodable files in a folder are replaced by the next good file (see `sources.py`), so
     they never shift the order; `Batches.skipped_images` counts them (from 0 at each start).
+    The one exception, a JPEG with intact end markers but damaged headers under the default
+    TensorFlow decoder, stops the run with an error naming `config.data.folder_decoder`.
   * Epochs wrap forever, each with its own seeded order.
 """
 
