@@ -29,8 +29,8 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
-# The modules that take minutes (measured with --durations), longest first: run them first, so
-# that with `-n 2 --dist loadfile` (README) the two workers finish at about the same time.
+# The modules that take minutes (measured with --durations): collected first, so that with
+# `-n 2 --dist loadfile` (README) no long module is left to start near the end.
 _SLOW_MODULES = ("test_train.py", "test_multiprocess.py", "test_benchmarks.py",
                  "test_config_fuzz.py", "test_evaluate.py", "test_reproduce.py")
 
