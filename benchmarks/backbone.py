@@ -1,13 +1,15 @@
-"""Backbone forward and forward + backward time, with `models/conv.py`'s CPU gradients vs XLA's.
+"""Backbone forward and forward + backward time: XLA's defaults vs this codebase's CPU choices.
 
     python benchmarks/backbone.py                       # ResNet-18/96 b64 and ResNet-50/224 b8
 
-`dense_ssl.models.conv` replaces, when lowering for CPU only, the weight gradients of 1x1, stem
-and 64-channel 3x3 convolutions by matrix products and max-pooling's gradient by a first-max
-tap scatter. This script times a ResNet's jitted forward and forward + backward (train-mode
-BatchNorm, a sum-of-squares loss on C5) twice in the same run, interleaved: with those
-gradients ("ours") and with XLA's own (`lax.conv_general_dilated`, `flax.linen.max_pool`), and
-prints the ratio. No TensorFlow needed; on GPU/TPU both variants lower to XLA's own operations.
+Two things make ResNets fast on CPU here: the compiler options of `dense_ssl.xla_cpu`
+(convolutions by XLA's own kernels instead of YNNPACK) and `dense_ssl.models.conv` (1x1 weight
+gradients as matrix products, max-pooling's gradient as a first-max tap scatter; CPU only).
+This script times a ResNet's jitted forward and forward + backward (train-mode BatchNorm, a
+sum-of-squares loss on C5) three ways in the same run, interleaved: XLA's defaults with XLA's
+own gradients (`lax.conv_general_dilated`, `flax.linen.max_pool`), the options alone, and both
+("ours"), and prints the ratios. No TensorFlow needed; on GPU/TPU all three lower to XLA's own
+operations with no options.
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 from jax import lax  # pylint: disable=wrong-import-position
 
 from benchmarks import common  # pylint: disable=wrong-import-position
-from dense_ssl import models  # pylint: disable=wrong-import-position
+from dense_ssl import models, xla_cpu  # pylint: disable=wrong-import-position
 from dense_ssl.models import conv  # pylint: disable=wrong-import-position
 
-COLUMNS = ("model", "size", "batch", "gradients", "fwd ms", "fwd+bwd ms", "bwd/fwd", "spread")
+COLUMNS = ("model", "size", "batch", "variant", "fwd ms", "fwd+bwd ms", "bwd/fwd", "spread")
 
 
 @contextlib.contextmanager
@@ -48,11 +50,16 @@ def xla_gradients() -> Iterator[None]:
     conv.conv_general_dilated, conv.max_pool = saved
 
 
+# variant -> (compiler options of dense_ssl.xla_cpu, models/conv.py's gradients)
+VARIANTS = {"XLA's defaults": (False, False), "options": (True, False), "ours": (True, True)}
+
+
 class Backbone:
   """Compiled forward and forward + backward of one backbone on a fixed batch."""
 
-  def __init__(self, model: str, size: int, batch: int, ours: bool):
-    self.model, self.size, self.batch, self.ours = model, size, batch, ours
+  def __init__(self, model: str, size: int, batch: int, variant: str):
+    self.model, self.size, self.batch, self.variant = model, size, batch, variant
+    options, ours = VARIANTS[variant]
     net = models.get_backbone(model)
     x = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
     variables = net.init(jax.random.key(1), x)
@@ -63,9 +70,11 @@ class Backbone:
       return y
 
     loss = lambda params, images: jnp.mean(features(params, images) ** 2)
+    opts = xla_cpu.compiler_options() if options else None
     with contextlib.nullcontext() if ours else xla_gradients():
-      self.fwd = jax.jit(features).lower(variables["params"], x).compile()
-      self.grad = jax.jit(jax.grad(loss)).lower(variables["params"], x).compile()
+      self.fwd = jax.jit(features, compiler_options=opts).lower(variables["params"], x).compile()
+      self.grad = jax.jit(jax.grad(loss), compiler_options=opts).lower(
+          variables["params"], x).compile()
     self.args = (variables["params"], x)
     for fn in (self.fwd, self.grad):  # warm-up
       jax.block_until_ready(fn(*self.args))
@@ -77,20 +86,19 @@ class Backbone:
 
 
 def measure(model: str, size: int, batch: int, repeats: int) -> list[dict[str, Any]]:
-  runs = {ours: Backbone(model, size, batch, ours) for ours in (False, True)}
+  runs = {v: Backbone(model, size, batch, v) for v in VARIANTS}
   rounds = {}
-  for ours, b in runs.items():
-    rounds[("fwd", ours)] = functools.partial(b.run_round, b.fwd)
-    rounds[("grad", ours)] = functools.partial(b.run_round, b.grad)
+  for v, b in runs.items():
+    rounds[("fwd", v)] = functools.partial(b.run_round, b.fwd)
+    rounds[("grad", v)] = functools.partial(b.run_round, b.grad)
   times = common.interleave(rounds, repeats)
   rows = []
-  for ours in (False, True):
-    fwd, grad = common.median(times["fwd", ours]), common.median(times["grad", ours])
-    rows.append({"model": model, "size": size, "batch": batch,
-                 "gradients": "ours (CPU)" if ours else "XLA's own",
+  for v in VARIANTS:
+    fwd, grad = common.median(times["fwd", v]), common.median(times["grad", v])
+    rows.append({"model": model, "size": size, "batch": batch, "variant": v,
                  "fwd ms": 1e3 * fwd, "fwd+bwd ms": 1e3 * grad,
-                 "bwd/fwd": (grad - fwd) / fwd, "spread": common.spread(times["grad", ours]),
-                 "grad_times": times["grad", ours]})
+                 "bwd/fwd": (grad - fwd) / fwd, "spread": common.spread(times["grad", v]),
+                 "times": {"fwd": times["fwd", v], "grad": times["grad", v]}})
   return rows
 
 
@@ -106,10 +114,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     model, size, batch = spec.split("/")
     rows.extend(measure(model, int(size), int(batch), args.repeats))
   print(common.table(rows, COLUMNS))
-  for xla, ours in zip(rows[::2], rows[1::2]):
-    paired = [a / b for a, b in zip(xla["grad_times"], ours["grad_times"])]
-    print(f"{ours['model']}/{ours['size']} batch {ours['batch']}: fwd+bwd with XLA's own "
-          f"gradients / ours = {common.fmt(common.median(paired))}")
+  n = len(VARIANTS)
+  for group in (rows[i:i + n] for i in range(0, len(rows), n)):
+    base = group[0]
+    for row in group[1:]:
+      for part, label in (("fwd", "fwd"), ("grad", "fwd+bwd")):
+        paired = [a / b for a, b in zip(base["times"][part], row["times"][part])]
+        print(f"{row['model']}/{row['size']} batch {row['batch']}: {label} time, "
+              f"{base['variant']} / {row['variant']} = {common.fmt(common.median(paired))}")
   return rows
 
 

@@ -162,7 +162,7 @@ class JaxStep:
 
   def __init__(self, spec: StepSpec, *, warmup: int = 1, seed: int = 0):
     start = time.perf_counter()
-    from dense_ssl import ema, optim  # pylint: disable=g-import-not-at-top
+    from dense_ssl import ema, optim, xla_cpu  # pylint: disable=g-import-not-at-top
     from dense_ssl import methods as methods_lib  # pylint: disable=g-import-not-at-top
     train = common.import_trainer()
 
@@ -184,7 +184,7 @@ class JaxStep:
       return jax.jit(step_fn,
                      in_shardings=(state_sharding, NamedSharding(self.mesh, P("data"))),
                      out_shardings=(state_sharding, NamedSharding(self.mesh, P())),
-                     donate_argnums=(0,))
+                     donate_argnums=(0,), compiler_options=xla_cpu.compiler_options())
 
     with jax.set_mesh(self.mesh):
       with common.Stopwatch() as watch:

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from dense_ssl import checkpoint, ema, models, optim, sharding
+from dense_ssl import checkpoint, ema, models, optim, sharding, xla_cpu
 from dense_ssl import methods as methods_lib
 from dense_ssl.data import augment
 from dense_ssl.state import TrainState
@@ -277,7 +277,7 @@ def run(config: Any, workdir: str) -> TrainState:
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   p_step = jax.jit(step_fn, in_shardings=(state_sharding, sharding.batch_sharded(mesh)),
                    out_shardings=(state_sharding, sharding.replicated(mesh)),
-                   donate_argnums=(0,))
+                   donate_argnums=(0,), compiler_options=xla_cpu.compiler_options())
 
   # --- Loop ----------------------------------------------------------------------------------
   history: list[tuple[int, dict[str, Any]]] = []

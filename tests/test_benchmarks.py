@@ -105,14 +105,16 @@ def test_dense_loss_chunked_equals_materialised_with_less_memory(capsys):
                    r", temp memory " + NUMBER, text, re.M)
 
 
-def test_backbone_compares_cpu_gradients_with_xla_own(capsys):
+def test_backbone_compares_xla_defaults_with_the_cpu_options_and_gradients(capsys):
   from benchmarks import backbone  # pylint: disable=g-import-not-at-top
   rows = backbone.main(["--specs=resnet18/64/2", "--repeats=1"])
   text = capsys.readouterr().out
-  assert [r["gradients"] for r in rows] == ["XLA's own", "ours (CPU)"]
+  assert [r["variant"] for r in rows] == ["XLA's defaults", "options", "ours"]
   assert all(_positive(r["fwd ms"]) and _positive(r["fwd+bwd ms"]) for r in rows)
-  assert re.search(r"^resnet18/64 batch 2: fwd\+bwd with XLA's own gradients / ours = " +
-                   NUMBER + "$", text, re.M)
+  for variant in ("options", "ours"):
+    for label in ("fwd", r"fwd\+bwd"):
+      assert re.search(rf"^resnet18/64 batch 2: {label} time, XLA's defaults / {variant} = " +
+                       NUMBER + "$", text, re.M)
   # The comparison variant is restored: the module's functions are ours again.
   from dense_ssl.models import conv  # pylint: disable=g-import-not-at-top
   assert conv.max_pool.__module__ == "dense_ssl.models.conv"

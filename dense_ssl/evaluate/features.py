@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dense_ssl import models
+from dense_ssl import models, xla_cpu
 from dense_ssl.data import augment
 from dense_ssl.models import resnet
 
@@ -59,7 +59,6 @@ def _c4_block(model_name: str) -> str:
   return f"layer3_{resnet.VARIANTS[model_name][0][2] - 1}"
 
 
-@functools.partial(jax.jit, static_argnames=("model_name", "with_c4", "norm"))
 def _forward(variables: dict[str, Any], images: jax.Array, *, model_name: str, with_c4: bool,
              norm: Normalization) -> dict[str, jax.Array]:
   model = models.get_backbone(model_name)
@@ -72,6 +71,13 @@ def _forward(variables: dict[str, Any], images: jax.Array, *, model_name: str, w
                              capture_intermediates=lambda m, fn: m.name == block)
   c4 = captured["intermediates"][block]["__call__"][0]
   return {"c5": c5, "pooled": jnp.mean(c5, axis=(1, 2)), "c4": c4}
+
+
+@functools.cache
+def _jitted_forward() -> Any:
+  # Built on first use, not at import: the compiler options depend on the backend.
+  return jax.jit(_forward, static_argnames=("model_name", "with_c4", "norm"),
+                 compiler_options=xla_cpu.compiler_options())
 
 
 def extract(model_name: str, variables: Any, images: np.ndarray, *, batch_size: int = 64,
@@ -98,7 +104,7 @@ def extract(model_name: str, variables: Any, images: np.ndarray, *, batch_size: 
     pad = batch_size - len(batch)
     if pad:  # Same shape for every batch: one compilation.
       batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
-    out = _forward(variables, batch, model_name=model_name, with_c4=with_c4, norm=norm)
+    out = _jitted_forward()(variables, batch, model_name=model_name, with_c4=with_c4, norm=norm)
     for k, v in out.items():
       chunks.setdefault(k, []).append(np.asarray(v, np.float32)[:batch_size - pad])
   return {k: np.concatenate(v) for k, v in chunks.items()}

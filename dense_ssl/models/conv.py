@@ -1,15 +1,15 @@
 """Convolution and max-pooling with gradients that XLA:CPU computes fast; XLA's own elsewhere.
 
-Measured on a 2-core CPU (jax 0.10.2, ResNet-50 shapes at 224 px, batch 8): XLA:CPU lowers the
-weight gradient of a strided 1x1 convolution to a kernel-dilated convolution that runs ~18x
-slower than the forward pass, of an unstrided 1x1 convolution ~5x, of the 7x7 stem ~15x, and
-max-pooling's `select_and_scatter` gradient ~20x slower than the pooling; a 64-channel 3x3
-convolution's weight gradient at batch 64 on 24 px maps ~26x. These account for most of a
-ResNet's backward pass on CPU. Here, only when lowering for CPU (`lax.platform_dependent`):
+Measured on a 2-core AVX2 CPU (jax 0.10.2, 2026-12-01), with the compiler options of
+`dense_ssl.xla_cpu` (convolutions by XLA's own Eigen kernels, not YNNPACK): XLA's weight
+gradient of a 1x1 convolution first transposes its input to a batch-minor layout, copies that
+ran at ~0.2 GB/s inside a ResNet-50/224 batch-8 backward (~0.9 s of thread time in a ~3 s
+step); a 3x3 or 7x7 convolution's own weight gradient is as fast as any built from input taps
+(1.2-4x faster than those), and max-pooling's `select_and_scatter` gradient is ~4x slower than
+the scatter below. So, only when lowering for CPU (`lax.platform_dependent`):
 
-* the weight gradient of a 1x1 convolution, or of one with few input columns (the stem, 3x3
-  over 64 channels), is one matrix product of the (strided) input taps with the output
-  gradient;
+* the weight gradient of a 1x1 convolution is one matrix product of the (strided) input,
+  flattened to (pixels, channels), with the output gradient;
 * max-pooling's gradient goes to the first maximal element of each window (PyTorch's and
   `select_and_scatter`'s choice) through strided pads of the output gradient.
 
@@ -30,11 +30,6 @@ import jax.numpy as jnp
 from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
-# Input channels x kernel taps up to which a k x k convolution also takes the matmul weight
-# gradient: the stem (3 x 49) and 3x3 convolutions over 64 channels (XLA:CPU's own gradient of
-# those measured 3-4x slower at batch 32-64 on 24-32 px maps, on par at batch 8 on 56 px); with
-# 128+ channels XLA's own is as fast or faster.
-_MAX_TAP_COLUMNS = 576
 
 Padding = tuple[tuple[int, int], ...]
 
@@ -51,37 +46,38 @@ def _taps(x: jax.Array, kernel: tuple[int, int], strides: tuple[int, int], paddi
           for i in range(kernel[0]) for j in range(kernel[1])]
 
 
-def _plain_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Padding,
+def _plain_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
                 precision: Any) -> jax.Array:
-  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
+  return lax.conv_general_dilated(x, w, strides, ((0, 0), (0, 0)), dimension_numbers=_NHWC,
                                   precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_matmul_wgrad(x, w, strides, padding, precision):
-  return _plain_conv(x, w, strides, padding, precision)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _pointwise_conv(x, w, strides, precision):
+  return _plain_conv(x, w, strides, precision)
 
 
-def _conv_fwd(x, w, strides, padding, precision):
-  return _plain_conv(x, w, strides, padding, precision), (x, w)
+def _pointwise_fwd(x, w, strides, precision):
+  return _plain_conv(x, w, strides, precision), (x, w)
 
 
-def _conv_bwd(strides, padding, precision, residuals, g):
+def _pointwise_bwd(strides, precision, residuals, g):
   x, w = residuals
-  _, input_vjp = jax.vjp(lambda v: _plain_conv(v, w, strides, padding, precision), x)
+  _, input_vjp = jax.vjp(lambda v: _plain_conv(v, w, strides, precision), x)
   (dx,) = input_vjp(g)
-  kh, kw, cin, cout = w.shape
+  cin, cout = w.shape[2:]
   # Measured: without it XLA fuses the recomputation of x's elementwise producers (BatchNorm,
-  # residual adds) into the transposing copies of the taps, ~1 s more per ResNet-50 step.
+  # ReLU) into the matmul's operand copy, ~10% more per ResNet-50 backward.
   x = lax.optimization_barrier(x)
-  taps = _taps(x, (kh, kw), strides, padding, g.shape[1:3])
-  columns = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-  dw = jnp.einsum("nhwc,nhwd->cd", columns, g, precision=precision,
+  x = x[:, ::strides[0], ::strides[1]] if strides != (1, 1) else x
+  # (pixels, cin)^T (pixels, cout): a 2-D product; the same einsum over (n, h, w) measured up
+  # to 3x slower (XLA:CPU copies its operands first).
+  dw = jnp.matmul(x.reshape(-1, cin).T, g.reshape(-1, cout), precision=precision,
                   preferred_element_type=jnp.float32)
-  return dx, dw.reshape(kh, kw, cin, cout).astype(w.dtype)
+  return dx, dw.reshape(w.shape).astype(w.dtype)
 
 
-_conv_matmul_wgrad.defvjp(_conv_fwd, _conv_bwd)
+_pointwise_conv.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
@@ -90,11 +86,10 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          dimension_numbers: Any = None, feature_group_count: int = 1,
                          batch_group_count: int = 1, precision: Any = None,
                          preferred_element_type: Any = None) -> jax.Array:
-  """`lax.conv_general_dilated`, with the matmul weight gradient on CPU where it pays.
+  """`lax.conv_general_dilated`, with the matmul weight gradient of 1x1 convolutions on CPU.
 
-  A drop-in for `flax.linen.Conv(conv_general_dilated=...)`. Only plain 2-D NHWC/HWIO
-  convolutions (explicit non-negative padding, no dilation or groups) whose kernel is 1x1 or
-  has at most `_MAX_TAP_COLUMNS` input columns are rerouted; anything else is XLA's.
+  A drop-in for `flax.linen.Conv(conv_general_dilated=...)`. Only plain 2-D NHWC/HWIO 1x1
+  convolutions (no padding, dilation or groups) are rerouted; anything else is XLA's.
   """
   plain = functools.partial(
       lax.conv_general_dilated, window_strides=window_strides, padding=padding,
@@ -106,17 +101,16 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     return plain(lhs, rhs)
   nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
   given = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-  kh, kw, cin, _ = rhs.shape
-  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  simple = (given == nhwc and feature_group_count == 1 and batch_group_count == 1
-            and all(d == 1 for d in (lhs_dilation or (1, 1)))
-            and all(d == 1 for d in (rhs_dilation or (1, 1)))
-            and all(p >= 0 for pair in padding for p in pair)
-            and preferred_element_type in (None, lhs.dtype) and lhs.dtype == rhs.dtype)
-  if not simple or not (kh == kw == 1 or kh * kw * cin <= _MAX_TAP_COLUMNS):
+  pointwise = (given == nhwc and rhs.shape[:2] == (1, 1)
+               and feature_group_count == 1 and batch_group_count == 1
+               and all(d == 1 for d in (lhs_dilation or (1, 1)))
+               and all(d == 1 for d in (rhs_dilation or (1, 1)))
+               and all(int(p) == 0 for pair in padding for p in pair)
+               and preferred_element_type in (None, lhs.dtype) and lhs.dtype == rhs.dtype)
+  if not pointwise:
     return plain(lhs, rhs)
   strides = tuple(int(s) for s in window_strides)
-  fast = lambda x, w: _conv_matmul_wgrad(x, w, strides, padding, precision)
+  fast = lambda x, w: _pointwise_conv(x, w, strides, precision)
   return lax.platform_dependent(lhs, rhs, cpu=fast, default=plain)
 
 
