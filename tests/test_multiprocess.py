@@ -58,5 +58,7 @@ def test_two_processes_match_one_process(tmp_path):
   a, b = backbone(single), backbone(multi)
   assert sorted(a) == sorted(b)
   for name in a:
-    # Same float32 reduction-order noise as the 1-vs-8-device step test (about 1% of an update).
-    np.testing.assert_allclose(a[name], b[name], rtol=1e-3, atol=5e-4, err_msg=name)
+    # Float32 reduction-order noise as in the 1-vs-8-device step test. Since the step compiles
+    # with XLA's own convolutions (dense_ssl/xla_cpu.py) the stem's weight gradient sums in a
+    # layout-dependent order: measured max 9e-4 on the stem after the test's steps.
+    np.testing.assert_allclose(a[name], b[name], rtol=1e-3, atol=1.5e-3, err_msg=name)
