@@ -6,14 +6,9 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dense_ssl import models, xla_cpu
-
-
-def _rel(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+from dense_ssl.parity import rel_error
 
 
 def test_options_only_for_cpu_and_only_when_the_user_has_not_chosen(monkeypatch):
@@ -67,6 +62,6 @@ def test_resnet_forward_and_gradients_equal_under_the_options(monkeypatch):
       variables["params"])
   # Different convolution kernels sum in a different order: float rounding only, through 17
   # layers of train-mode BatchNorm.
-  assert _rel(y1, y0) < 1e-4 and _rel(l1, l0) < 1e-5
+  assert rel_error(y1, y0) < 1e-4 and rel_error(l1, l0) < 1e-5
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
-    assert _rel(a, b) < 1e-4
+    assert rel_error(a, b) < 1e-4

@@ -255,8 +255,9 @@ def folder(data_cfg: Any) -> Source:
   With `data_cfg.folder_decoder='tf'` (the default) JPEG files that end properly are decoded
   by `tf.io.decode_jpeg` (PIL's pixels exactly; 1.4x the pipeline's rate on 2 cores,
   benchmarks/data.py); other files, and every file with 'pil', are decoded by PIL (a non-JPEG
-  file is then read twice), and a file that cannot be decoded is replaced by the next good one. A JPEG whose ending is intact but whose headers
-  are damaged stops the run with an error that names this setting (see `pipeline.Batches`).
+  file is then read twice), and a file that cannot be decoded is replaced by the next good one.
+  A JPEG whose ending is intact but whose headers are damaged stops the run with an error that
+  names this setting (see `pipeline.Batches`).
   """
   root = data_cfg.folder
   how = ("Set config.data.folder to a directory that holds image files (searched "
