@@ -72,53 +72,84 @@ def _chunk_logits(q, chunk, valid, temperature):
   return jnp.where(valid[None, :], logits, -jnp.inf)
 
 
-def _dense_stats(q, k, queue, temperature, chunk_size):
-  """Positive logit and log-sum-exp over [pos, queue] per row, one queue chunk at a time."""
-  pos = jnp.sum(q * k, axis=-1) / temperature
-  chunks, valid = _queue_chunks(queue, chunk_size)
+def _scan_queue(q, chunks, valid, temperature, start_max, start_sum, with_mean, online):
+  """Σ_j exp(logit_j - m) per row over the queue, and Σ_j exp(logit_j - m)·queue_j if asked.
+
+  `online` keeps m the running maximum (rescaling what was summed when it grows); otherwise m
+  stays `start_max`, which must bound every logit, and the max pass over each chunk is skipped.
+  """
+  acc = jnp.zeros((q.shape[0], chunks.shape[-1] if with_mean else 0), q.dtype)
 
   def body(carry, xs):
-    run_max, run_sum = carry
+    run_max, run_sum, acc = carry
     logits = _chunk_logits(q, *xs, temperature)
-    new_max = jnp.maximum(run_max, logits.max(axis=1))
-    run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.exp(logits - new_max[:, None]).sum(1)
-    return (new_max, run_sum), None
+    new_max = jnp.maximum(run_max, logits.max(axis=1)) if online else run_max
+    rescale = jnp.exp(run_max - new_max)
+    weights = jnp.exp(logits - new_max[:, None])
+    run_sum = run_sum * rescale + weights.sum(axis=1)
+    if with_mean:
+      acc = acc * rescale[:, None] + weights @ xs[0]
+    return (new_max, run_sum, acc), None
 
-  # Starting from the positive keeps the running max finite, so padded (-inf) columns are safe.
-  (run_max, run_sum), _ = jax.lax.scan(body, (pos, jnp.ones_like(pos)), (chunks, valid))
-  return pos, run_max + jnp.log(run_sum)
+  (run_max, run_sum, acc), _ = jax.lax.scan(body, (start_max, start_sum, acc), (chunks, valid))
+  return run_max + jnp.log(run_sum), acc / run_sum[:, None], run_sum
+
+
+def _dense_stats(q, k, queue, temperature, chunk_size, with_mean):
+  """Positive logit, log-sum-exp over [pos, queue] per row, and (`with_mean`) the softmax-
+  weighted mean of the queue rows, one queue chunk at a time."""
+  pos = jnp.sum(q * k, axis=-1) / temperature
+  chunks, valid = _queue_chunks(queue, chunk_size)
+  scan = functools.partial(_scan_queue, q, chunks, valid, temperature, with_mean=with_mean)
+  # |q·x| <= |q|·max|x| bounds every logit of a row, so exp never overflows with that shift and
+  # the per-chunk max pass is not needed. For unit-norm rows the bound is within 2/T of the true
+  # maximum; when it is so loose that a row's sum falls to where float32 loses the small terms
+  # (unnormalised inputs, tiny T), the exact running-max scan is used instead.
+  bound = jnp.linalg.norm(q, axis=-1) * jnp.sqrt(jnp.max(jnp.sum(queue * queue, axis=-1)))
+  shift = jnp.maximum(bound / temperature, pos)
+  lse, mean, run_sum = scan(shift, jnp.exp(pos - shift), online=False)
+  info = jnp.finfo(q.dtype)
+  safe = jnp.all(run_sum >= queue.shape[0] * info.tiny / info.eps)
+  lse, mean = jax.lax.cond(safe, lambda: (lse, mean),
+                           lambda: scan(pos, jnp.ones_like(pos), online=True)[:2])
+  return pos, lse, mean
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _dense_info_nce(q, k, queue, temperature, chunk_size):
-  pos, lse = _dense_stats(q, k, queue, temperature, chunk_size)
+  pos, lse, _ = _dense_stats(q, k, queue, temperature, chunk_size, with_mean=False)
   return jnp.mean(lse - pos)
 
 
 def _dense_info_nce_fwd(q, k, queue, temperature, chunk_size):
-  pos, lse = _dense_stats(q, k, queue, temperature, chunk_size)
-  return jnp.mean(lse - pos), (q, k, queue, pos, lse)
+  # With symbolic zeros each array arrives as CustomVJPPrimal(value, perturbed). The gradient
+  # with respect to q is a softmax-weighted mean of the keys, summed in the same pass as the
+  # log-sum-exp; only a queue that needs a gradient costs a second pass in the backward.
+  keep_queue = queue.perturbed
+  q, k, queue = q.value, k.value, queue.value
+  pos, lse, mean = _dense_stats(q, k, queue, temperature, chunk_size, with_mean=True)
+  return jnp.mean(lse - pos), (q, k, queue if keep_queue else None, pos, lse, mean)
 
 
 def _dense_info_nce_bwd(temperature, chunk_size, residuals, g):
-  # d/dlogit_j of (lse - pos) is softmax_j - [j == 0]; the gradients are softmax-weighted sums
-  # of the keys, accumulated chunk by chunk so the (R, K) probabilities never exist at once.
-  q, k, queue, pos, lse = residuals
+  # d/dlogit_j of (lse - pos) is softmax_j - [j == 0], and logit_j = q·key_j / T.
+  q, k, queue, pos, lse, mean = residuals
   scale = g / (q.shape[0] * temperature)
   pos_coef = (jnp.exp(pos - lse) - 1.0) * scale
+  dq = scale * mean + pos_coef[:, None] * k
+  if queue is None:
+    return dq, pos_coef[:, None] * q, None
   chunks, valid = _queue_chunks(queue, chunk_size)
 
-  def body(dq, xs):
-    chunk, ok = xs
-    probs = jnp.exp(_chunk_logits(q, chunk, ok, temperature) - lse[:, None]) * scale
-    return dq + probs @ chunk, probs.T @ q
+  def body(_, xs):
+    probs = jnp.exp(_chunk_logits(q, *xs, temperature) - lse[:, None]) * scale
+    return None, probs.T @ q
 
-  dq, dqueue = jax.lax.scan(body, pos_coef[:, None] * k, (chunks, valid))
-  dqueue = dqueue.reshape(-1, queue.shape[1])[:queue.shape[0]]
-  return dq, pos_coef[:, None] * q, dqueue
+  _, dqueue = jax.lax.scan(body, None, (chunks, valid))
+  return dq, pos_coef[:, None] * q, dqueue.reshape(-1, queue.shape[1])[:queue.shape[0]]
 
 
-_dense_info_nce.defvjp(_dense_info_nce_fwd, _dense_info_nce_bwd)
+_dense_info_nce.defvjp(_dense_info_nce_fwd, _dense_info_nce_bwd, symbolic_zeros=True)
 
 
 def dense_info_nce(q: jax.Array, k: jax.Array, queue: jax.Array, temperature: float,
@@ -126,10 +157,13 @@ def dense_info_nce(q: jax.Array, k: jax.Array, queue: jax.Array, temperature: fl
   """`info_nce_queue(q, k, queue, T)` without materialising the (R, K) logits.
 
   For DenseCL's R = N·S² rows against a 65536-row queue the logits would dominate memory
-  (and, on CPU, time). The queue is visited in chunks of `chunk_size` rows with an online
-  log-sum-exp, and a custom VJP recomputes each chunk in the backward pass. K need not be a
-  multiple of `chunk_size` (the last chunk is padded and masked); `chunk_size <= 0` means one
-  chunk. Same value and gradients as the plain formula, to float rounding.
+  (and, on CPU, time). The queue is visited in chunks of `chunk_size` rows with a log-sum-exp
+  shifted by a bound on the logits; the same pass sums the softmax-weighted queue rows, which
+  is the gradient with respect to q, so a step that differentiates q (and k) reads the queue
+  once and does the plain formula's two matmuls with nothing recomputed. A gradient with
+  respect to the queue costs one more pass in the backward. K need not be a multiple of `chunk_size` (the last
+  chunk is padded and masked); `chunk_size <= 0` means one chunk. Same value and gradients as
+  the plain formula, to float rounding.
   """
   if q.ndim != 2 or q.shape != k.shape or queue.ndim != 2 or queue.shape[1] != q.shape[1]:
     raise ValueError(f"dense_info_nce needs q, k of shape (R, D) and a queue (K, D); got "

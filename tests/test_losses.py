@@ -55,6 +55,48 @@ def test_dense_info_nce_scales_the_incoming_cotangent():
   np.testing.assert_allclose(g3, 3.0 * g1, rtol=1e-5, atol=1e-7)
 
 
+def _np_info_nce_grad_q(q, k, queue, t):
+  logits = np.concatenate([np.sum(q * k, 1, keepdims=True), q @ queue.T], 1) / t
+  probs = np.exp(logits - logits.max(1, keepdims=True))
+  probs /= probs.sum(1, keepdims=True)
+  keys = np.concatenate([k[:, None], np.broadcast_to(queue, (len(q),) + queue.shape)], 1)
+  return (np.einsum("rj,rjd->rd", probs, keys) - k) / (t * len(q))
+
+
+@pytest.mark.parametrize("scale,temperature", [(1.0, 0.2), (4.0, 0.2), (30.0, 0.05)])
+def test_dense_info_nce_is_exact_whatever_the_bound_on_the_logits(scale, temperature):
+  # The log-sum-exp is shifted by |q|·max|queue|/T. For unit rows that bound is within 2/T of
+  # the largest logit; scaled rows at a small T put it hundreds above, where every shifted term
+  # underflows in float32 and the running-max scan must take over.
+  q, k, queue = _case(rows=24, size=40, dim=8, seed=3)
+  q, queue = q * scale, queue * scale
+  gap = (np.linalg.norm(q, axis=1) * np.linalg.norm(queue, axis=1).max() / temperature
+         - np.maximum(np.sum(q * k, 1), (q @ queue.T).max(1)) / temperature)
+  if scale == 30.0:
+    assert gap.min() > 110  # exp(-110) is below float32's smallest subnormal
+  args = [jnp.asarray(x, jnp.float32) for x in (q, k, queue)]
+  loss, grad = jax.jit(jax.value_and_grad(
+      lambda *a: losses.dense_info_nce(*a, temperature, 16)))(*args)
+  np.testing.assert_allclose(loss, _np_info_nce(q, k, queue, temperature), rtol=2e-6)
+  want = _np_info_nce_grad_q(q, k, queue, temperature)
+  np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+
+def _count(jaxpr, name):
+  """How many equations named `name` run at the top level of a jaxpr (not inside cond/scan)."""
+  return sum(eqn.primitive.name == name for eqn in jaxpr.eqns)
+
+
+def test_dense_info_nce_reads_the_queue_in_the_backward_only_for_its_gradient():
+  q, k, queue = (jnp.asarray(x, jnp.float32) for x in _case())
+  fn = lambda *a: losses.dense_info_nce(*a, 0.2, 6)
+  # One scan over the queue in the forward (the fallback scan sits inside a cond); the
+  # gradient with respect to q and k comes out of it, the queue's needs a second scan.
+  wrt_rows = jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(q, k, queue).jaxpr
+  wrt_all = jax.make_jaxpr(jax.grad(fn, argnums=(0, 1, 2)))(q, k, queue).jaxpr
+  assert (_count(wrt_rows, "scan"), _count(wrt_all, "scan")) == (1, 2)
+
+
 def _all_shapes(jaxpr):
   for eqn in jaxpr.eqns:
     for var in eqn.outvars:
