@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dense_ssl.models import conv
+
 # kaiming_normal_(mode="fan_in", nonlinearity="relu"): N(0, 2 / fan_in), untruncated.
 linear_kernel_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 # torch.nn.Conv2d.reset_parameters: kaiming_uniform_(a=sqrt(5)) = U(+-sqrt(1 / fan_in)).
@@ -41,7 +43,8 @@ def _dense(features: int, name: str, dtype: Any) -> nn.Dense:
 
 def _conv1x1(features: int, fan_in: int, name: str, dtype: Any) -> nn.Conv:
   return nn.Conv(features, (1, 1), kernel_init=torch_conv_kernel_init,
-                 bias_init=torch_bias_init(fan_in), dtype=dtype, name=name)
+                 bias_init=torch_bias_init(fan_in), dtype=dtype, name=name,
+                 conv_general_dilated=conv.conv_general_dilated)
 
 
 def _check_map(x: jax.Array, head: str) -> None:
