@@ -7,6 +7,7 @@ cross-entropies are computed in at least float32 whatever the compute dtype of t
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +93,7 @@ def _scan_queue(q, chunks, valid, temperature, start_max, start_sum, with_mean, 
     return (new_max, run_sum, acc), None
 
   (run_max, run_sum, acc), _ = jax.lax.scan(body, (start_max, start_sum, acc), (chunks, valid))
-  return run_max + jnp.log(run_sum), acc / run_sum[:, None], run_sum
+  return run_max + jnp.log(run_sum), acc / run_sum[:, None]
 
 
 def _dense_stats(q, k, queue, temperature, chunk_size, with_mean):
@@ -102,16 +103,19 @@ def _dense_stats(q, k, queue, temperature, chunk_size, with_mean):
   chunks, valid = _queue_chunks(queue, chunk_size)
   scan = functools.partial(_scan_queue, q, chunks, valid, temperature, with_mean=with_mean)
   # |q·x| <= |q|·max|x| bounds every logit of a row, so exp never overflows with that shift and
-  # the per-chunk max pass is not needed. For unit-norm rows the bound is within 2/T of the true
-  # maximum; when it is so loose that a row's sum falls to where float32 loses the small terms
-  # (unnormalised inputs, tiny T), the exact running-max scan is used instead.
+  # the per-chunk max pass is not needed. For unit-norm rows the bound is within 2/T of the
+  # positive logit; when it is so far above it that the shifted sum could fall to where float32
+  # loses the small terms (unnormalised inputs, tiny T), the running-max scan is used instead.
   bound = jnp.linalg.norm(q, axis=-1) * jnp.sqrt(jnp.max(jnp.sum(queue * queue, axis=-1)))
   shift = jnp.maximum(bound / temperature, pos)
-  lse, mean, run_sum = scan(shift, jnp.exp(pos - shift), online=False)
+  # A row's sum is at least its positive's term exp(pos - shift); while that stays above
+  # K·tiny/eps, what float32 flushes to zero cannot move the sum. Checked before the scan, so
+  # only one of the two scans runs (and holds chunk buffers).
   info = jnp.finfo(q.dtype)
-  safe = jnp.all(run_sum >= queue.shape[0] * info.tiny / info.eps)
-  lse, mean = jax.lax.cond(safe, lambda: (lse, mean),
-                           lambda: scan(pos, jnp.ones_like(pos), online=True)[:2])
+  margin = math.log(info.eps / (queue.shape[0] * info.tiny))
+  lse, mean = jax.lax.cond(jnp.all(shift - pos <= margin),
+                           lambda: scan(shift, jnp.exp(pos - shift), online=False),
+                           lambda: scan(pos, jnp.ones_like(pos), online=True))
   return pos, lse, mean
 
 

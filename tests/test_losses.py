@@ -63,17 +63,18 @@ def _np_info_nce_grad_q(q, k, queue, t):
   return (np.einsum("rj,rjd->rd", probs, keys) - k) / (t * len(q))
 
 
-@pytest.mark.parametrize("scale,temperature", [(1.0, 0.2), (4.0, 0.2), (30.0, 0.05)])
-def test_dense_info_nce_is_exact_whatever_the_bound_on_the_logits(scale, temperature):
-  # The log-sum-exp is shifted by |q|·max|queue|/T. For unit rows that bound is within 2/T of
-  # the largest logit; scaled rows at a small T put it hundreds above, where every shifted term
-  # underflows in float32 and the running-max scan must take over.
+@pytest.mark.parametrize("scale,temperature,shifted", [(1.0, 0.2, True), (2.0, 0.2, True),
+                                                        (30.0, 0.05, False)])
+def test_dense_info_nce_is_exact_whatever_the_bound_on_the_logits(scale, temperature, shifted):
+  # The log-sum-exp is shifted by |q|·max|queue|/T when that is within log(eps / (K·tiny))
+  # (~58 here) of every positive logit, and takes the running-max scan otherwise: scaled rows at
+  # a small T put the bound thousands above, where every shifted term would be zero in float32.
   q, k, queue = _case(rows=24, size=40, dim=8, seed=3)
   q, queue = q * scale, queue * scale
-  gap = (np.linalg.norm(q, axis=1) * np.linalg.norm(queue, axis=1).max() / temperature
-         - np.maximum(np.sum(q * k, 1), (q @ queue.T).max(1)) / temperature)
-  if scale == 30.0:
-    assert gap.min() > 110  # exp(-110) is below float32's smallest subnormal
+  above_pos = (np.linalg.norm(q, axis=1) * np.linalg.norm(queue, axis=1).max()
+               - np.sum(q * k, 1)) / temperature
+  info = np.finfo(np.float32)
+  assert (above_pos.max() <= np.log(info.eps / (len(queue) * info.tiny))) == shifted
   args = [jnp.asarray(x, jnp.float32) for x in (q, k, queue)]
   loss, grad = jax.jit(jax.value_and_grad(
       lambda *a: losses.dense_info_nce(*a, temperature, 16)))(*args)
@@ -90,11 +91,12 @@ def _count(jaxpr, name):
 def test_dense_info_nce_reads_the_queue_in_the_backward_only_for_its_gradient():
   q, k, queue = (jnp.asarray(x, jnp.float32) for x in _case())
   fn = lambda *a: losses.dense_info_nce(*a, 0.2, 6)
-  # One scan over the queue in the forward (the fallback scan sits inside a cond); the
-  # gradient with respect to q and k comes out of it, the queue's needs a second scan.
+  # The forward's scan over the queue (shifted or running-max) runs inside a cond and yields
+  # the gradient with respect to q and k; only the queue's gradient needs a scan of its own.
   wrt_rows = jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(q, k, queue).jaxpr
   wrt_all = jax.make_jaxpr(jax.grad(fn, argnums=(0, 1, 2)))(q, k, queue).jaxpr
-  assert (_count(wrt_rows, "scan"), _count(wrt_all, "scan")) == (1, 2)
+  assert _count(wrt_rows, "cond") == _count(wrt_all, "cond") == 1
+  assert (_count(wrt_rows, "scan"), _count(wrt_all, "scan")) == (0, 1)
 
 
 def _all_shapes(jaxpr):
