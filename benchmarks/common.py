@@ -250,6 +250,18 @@ def compiled_bytes(compiled: Any, what: str = "footprint") -> float:
                m.temp_size_in_bytes)
 
 
+def lowered_flops(stage: Any) -> float:
+  """FLOPs per device per call from XLA's cost analysis of a lowered or compiled computation
+  (NaN where the backend gives none)."""
+  try:
+    cost = stage.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  (some backends do not implement it)
+    return float("nan")
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per partition
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))
+
+
 def peak_flops(device_kind: str, platform_name: str, override_tflops: float = 0.0) -> float:
   """Peak FLOP/s of one device for MFU; 0 on CPUs and unknown devices (MFU not reported)."""
   if override_tflops > 0:

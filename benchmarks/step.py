@@ -141,18 +141,6 @@ def synthetic_batch(batch: int, size: int, mesh: Mesh, seed: int = 0) -> dict[st
   return {k: jax.device_put(v, sharding) for k, v in out.items()}
 
 
-def _flops(stage: Any) -> float:
-  """FLOPs per device per call from XLA's cost analysis of a lowered or compiled computation
-  (NaN where the backend gives none)."""
-  try:
-    cost = stage.cost_analysis()
-  except Exception:  # pylint: disable=broad-except  (some backends do not implement it)
-    return float("nan")
-  if isinstance(cost, (list, tuple)):  # older jax: one dict per partition
-    cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", float("nan")))
-
-
 class JaxStep:
   """The compiled `train_step` of one spec with its state and batch, ready to be timed.
 
@@ -195,7 +183,7 @@ class JaxStep:
         # The same step with materialised logits, lowered only (not compiled).
         plain = dataclasses.replace(spec, dense_chunk=0).config()
         lowered = jitted_step(plain).lower(self.state, self.batch)
-      self.flops = _flops(lowered)
+      self.flops = common.lowered_flops(lowered)
     self.xla_bytes = common.compiled_bytes(self.compiled)
 
     metrics = None

@@ -105,6 +105,27 @@ def test_dense_loss_chunked_equals_materialised_with_less_memory(capsys):
                    r", temp memory " + NUMBER, text, re.M)
 
 
+def test_heads_time_what_the_dense_methods_add_to_mocov2(capsys):
+  from benchmarks import heads  # pylint: disable=g-import-not-at-top
+  batch, grid, c, h, d, k = 2, 7, 64, 64, 16, 1000
+  rows = heads.main([f"--batch={batch}", f"--grid={grid}", f"--channels={c}", f"--hidden={h}",
+                     f"--dim={d}", f"--queue={k}", "--chunk=96", "--repeats=2",
+                     "--step_ms=1000"])
+  text = capsys.readouterr().out
+  assert [r["head"] for r in rows] == ["mocov2", "densecl", "houghcl"]
+  assert all(_positive(r["ms"]) and _positive(r["GFLOP"]) for r in rows)
+  # The dense extra, as matmuls: the dense neck's two 1x1 convs on N·S² cells three times for
+  # the query (forward, input and weight gradients) and once for the key, and the dense logits
+  # against the queue twice (forward, gradient wrt q). XLA adds elementwise work on top.
+  cells = batch * grid * grid
+  matmuls = 4 * 2 * cells * (c * h + h * d) + 2 * 2 * cells * k * d
+  for r in rows[1:]:
+    assert matmuls <= r["flops"] - rows[0]["flops"] <= 1.5 * matmuls
+    assert re.search(rf"^{r['head']} head - mocov2 head: {NUMBER} ms, {NUMBER} GFLOP "
+                     rf"\({NUMBER} GFLOP/s\); with a 1000 ms MoCo-v2 step: step ratio {NUMBER}$",
+                     text, re.M)
+
+
 def test_backbone_compares_xla_defaults_with_the_cpu_options_and_gradients(capsys):
   from benchmarks import backbone  # pylint: disable=g-import-not-at-top
   rows = backbone.main(["--specs=resnet18/64/2", "--repeats=1"])
