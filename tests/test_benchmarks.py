@@ -7,9 +7,13 @@ compilation cache (conftest.py) lets later scripts load the steps that earlier o
 (the same configuration compiles to the same executable).
 """
 
+import ast
 import math
 import os
 import re
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -280,3 +284,75 @@ def test_data_pipeline_vs_step(capsys):
   verdicts = re.findall(r"bottleneck: (pipeline|step); cores needed to feed the step: " + NUMBER,
                         text)
   assert len(verdicts) == 4 and all(_positive(float(v[1])) for v in verdicts)
+
+
+DEVICE_CHECK = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks",
+                            "device_check.sh")
+# What the lent GPU machine lacks (benchmarks/device_check.sh runs these test modules there).
+_NOT_ON_THE_GPU_MACHINE = ("tensorflow", "tensorflow_datasets", "ml_collections", "clu",
+                           "dense_ssl.data", "dense_ssl.main", "dense_ssl.train", "configs")
+
+
+def _device_check(tmp_path, **env):
+  full_env = {k: v for k, v in os.environ.items() if k not in ("PARTS", "BUDGET", "SMOKE")}
+  full_env.update(OUT=str(tmp_path), PYTHON=sys.executable, **env)
+  return subprocess.run(["bash", DEVICE_CHECK], capture_output=True, text=True, env=full_env,
+                        timeout=240, check=False)
+
+
+def test_device_check_is_shellcheck_clean():
+  exe = shutil.which("shellcheck") or os.path.join(os.path.dirname(sys.executable), "shellcheck")
+  result = subprocess.run([exe, "-s", "bash", "-S", "style", DEVICE_CHECK], capture_output=True,
+                          text=True, check=False)
+  assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def test_device_check_commands_parse_and_its_tests_need_no_tensorflow(tmp_path):
+  """The dry run's commands are valid for the scripts they call, in order of value."""
+  result = _device_check(tmp_path, DRY_RUN="1")
+  assert result.returncode == 0, result.stderr
+  parts = re.findall(r"^\+ \[(\w+) (\d+)s\] (.*)$", result.stdout, re.M)
+  names = [p[0] for p in parts]
+  assert names[:5] == ["env", "step_bf16", "peer", "curve", "curve"], names
+  assert set(names) == {"env", "tests", "step_bf16", "peer", "curve", "step_f32"}
+  assert sum(int(p[1]) for p in parts if p[0] != "tests") > 540  # more asked than the budget
+  from benchmarks import peer_torch  # pylint: disable=g-import-not-at-top
+  batches = []
+  for name, _, command in parts:
+    argv = command.split()
+    if name in ("step_bf16", "curve", "step_f32"):
+      assert argv[1] == "benchmarks/step.py"
+      args = step.parse_args(argv[2:])
+      assert (args.models, args.sizes) == ("resnet50", "224")
+      batches.append(args.batch)
+    elif name == "peer":
+      assert argv[1] == "benchmarks/peer_torch.py"
+      args = peer_torch.parse_args(argv[2:], accelerator=True)
+      assert (args.batch, args.dtypes) == (256, "bfloat16")
+    elif name == "tests":
+      modules = [a for a in argv if a.startswith("tests/")]
+      assert modules
+      for module in modules:
+        path = os.path.join(os.path.dirname(DEVICE_CHECK), "..", module)
+        tree = ast.parse(open(path).read())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree)
+                     if isinstance(n, ast.ImportFrom) and n.module}
+        bad = [m for m in imported if m.split(".")[0] in _NOT_ON_THE_GPU_MACHINE
+               or m.startswith(_NOT_ON_THE_GPU_MACHINE)]
+        assert not bad, f"{module} imports {bad}, which the GPU machine does not have"
+  assert sorted(batches) == [64, 256, 256, 1024]  # the batch curve 64 -> 256 -> 1024
+
+
+def test_device_check_runs_parts_within_its_budget(tmp_path):
+  ran = _device_check(tmp_path / "a", PARTS="env", BUDGET="200")
+  assert ran.returncode == 0, ran.stderr
+  summary = (tmp_path / "a" / "summary.txt").read_text().splitlines()
+  assert len(summary) == 1 and re.match(r"env +rc=0 ", summary[0]), summary
+  env_log = (tmp_path / "a" / "env.log").read_text()
+  assert f"jax {jax.__version__}" in env_log and "ALL PASS" in env_log
+  assert "ALL PASS" in ran.stdout  # the pasted lines end the output
+  spent = _device_check(tmp_path / "b", PARTS="env,step_bf16", BUDGET="20")
+  assert spent.returncode == 0, spent.stderr
+  assert (tmp_path / "b" / "summary.txt").read_text().splitlines() == [
+      "env          skipped (budget spent)", "step_bf16    skipped (budget spent)"]
