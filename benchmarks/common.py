@@ -12,6 +12,7 @@ import datetime
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -280,8 +281,25 @@ def machine_header(devices: Sequence[Any]) -> str:
   kinds = sorted({d.device_kind for d in devices})
   date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
   return (f"# {date} | {len(devices)} x {', '.join(kinds)} ({devices[0].platform}) | "
-          f"{cpu_cores()} CPU cores | {platform.node()} | python {platform.python_version()} "
-          f"jax {jax.__version__}")
+          f"{cpu_cores()} CPU cores ({cpu_model()}) | {platform.node()} | "
+          f"python {platform.python_version()} jax {jax.__version__}")
+
+
+def cpu_model() -> str:
+  """The host CPU's model name and widest x86 vector ISA, e.g. 'AMD EPYC, AVX-512'.
+
+  CPU numbers depend on it more than on anything else here: on an AVX-512 host XLA:CPU's and
+  PyTorch's kernels compare differently than on an AVX2 host (RESULTS.md, section 2).
+  """
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      info = f.read()
+  except OSError:
+    return platform.processor() or platform.machine()
+  model = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+  flags = set((re.search(r"^flags\s*:\s*(.+)$", info, re.M) or ["", ""])[1].split())
+  isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+  return ", ".join(x for x in ((model[1].strip() if model else platform.machine()), isa) if x)
 
 
 # ------------------------------------------------------------------------------ formatting ---
