@@ -155,6 +155,34 @@ def test_brightness_jitter_scales_each_example_by_one_factor(photos):
   assert len(set(np.round(factors, 3))) == 4  # one factor per example
 
 
+def test_colour_jitter_applies_the_four_adjustments_in_each_examples_order(photos):
+  """The one-hue-pass jitter equals torchvision's sequence: the four ops one after another.
+
+  240 draws on real photos cover every one of the 24 orders several times; the reference
+  applies the public adjust_* functions in each example's own order with its own factors.
+  """
+  preset = augment.view_preset(AugCfg(), 0)
+  count = 240
+  uniforms = np.asarray(jax.random.uniform(jax.random.key(7), (count, 8)))
+  images = np.asarray(np.repeat(photos, count // len(photos), axis=0) / 255.0, np.float32)
+  out = np.asarray(jax.jit(jax.vmap(augment.color_jitter, (0, 0, None)), static_argnums=2)(
+      uniforms, images, preset))
+  ops = (augment.adjust_brightness, augment.adjust_contrast, augment.adjust_saturation,
+         augment.adjust_hue)
+  lows = np.array([0.6, 0.6, 0.6, -0.1])
+  highs = np.array([1.4, 1.4, 1.4, 0.1])
+  orders = set()
+  for u, image, result in zip(uniforms, images, out):
+    factors = lows + u[:4] * (highs - lows)
+    order = tuple(int(i) for i in np.argsort(u[4:]))
+    orders.add(order)
+    expected = jnp.asarray(image)
+    for op in order:
+      expected = ops[op](expected, jnp.float32(factors[op]))
+    np.testing.assert_allclose(result, np.asarray(expected), atol=2e-6, err_msg=str(order))
+  assert len(orders) == 24
+
+
 def test_moco_v2_recipe_is_random_per_example_and_deterministic_per_key(photos):
   cfg = AugCfg()
   same = np.repeat(photos[:1, ::4, ::4], 64, axis=0)  # 64 copies of one 16 x 16 photo

