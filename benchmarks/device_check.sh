@@ -16,6 +16,7 @@
 # Logs go to $OUT (the device tool's folder; ./device_out elsewhere), at most 8 files, since the
 # device tool brings back no more. The last lines printed are a summary table and the ratio
 # lines to paste into benchmarks/RESULTS.md.
+# No -e: a part that fails is recorded in the summary and the next part still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 

@@ -13,6 +13,10 @@ the scatter below. So, only when lowering for CPU (`lax.platform_dependent`):
   forward pass and input gradient are such products too (fwd+bwd per layer at batch 8: 1.2x
   faster for DenseCL's 2048->2048 neck, up to 1.9x for ResNet-50's 64->256; a whole
   ResNet-50/224 step did not change measurably, 0.96x +- 0.2);
+* a convolution whose input map is smaller than its kernel (3x3 on 2x2 or 1x1 maps: the last
+  stage of a ResNet at 64 or 32 px) is one matrix product of its concatenated input taps,
+  forward and backward (XLA:CPU swaps such a convolution's operands into a form that ran ~15x
+  slower than the whole layer should; measured on the AVX-512 host of 2026-12-01);
 * max-pooling's gradient goes to the first maximal element of each window (PyTorch's and
   `select_and_scatter`'s choice) through strided pads of the output gradient.
 
@@ -106,8 +110,9 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          preferred_element_type: Any = None) -> jax.Array:
   """`lax.conv_general_dilated`, with 1x1 convolutions as matrix products on CPU (see above).
 
-  A drop-in for `flax.linen.Conv(conv_general_dilated=...)`. Only plain 2-D NHWC/HWIO 1x1
-  convolutions (no padding, dilation or groups) are rerouted; anything else is XLA's.
+  A drop-in for `flax.linen.Conv(conv_general_dilated=...)`. Only plain 2-D NHWC/HWIO
+  convolutions (no dilation or groups) are rerouted: 1x1 ones without padding, and those whose
+  input map is smaller than the kernel (`_im2col_conv`); anything else is XLA's.
   """
   plain = functools.partial(
       lax.conv_general_dilated, window_strides=window_strides, padding=padding,
@@ -119,17 +124,38 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     return plain(lhs, rhs)
   nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
   given = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-  pointwise = (given == nhwc and rhs.shape[:2] == (1, 1)
-               and feature_group_count == 1 and batch_group_count == 1
-               and all(d == 1 for d in (lhs_dilation or (1, 1)))
-               and all(d == 1 for d in (rhs_dilation or (1, 1)))
-               and all(int(p) == 0 for pair in padding for p in pair)
-               and preferred_element_type in (None, lhs.dtype) and lhs.dtype == rhs.dtype)
-  if not pointwise:
-    return plain(lhs, rhs)
+  simple = (given == nhwc and feature_group_count == 1 and batch_group_count == 1
+            and all(d == 1 for d in (lhs_dilation or (1, 1)))
+            and all(d == 1 for d in (rhs_dilation or (1, 1)))
+            and preferred_element_type in (None, lhs.dtype) and lhs.dtype == rhs.dtype)
+  pointwise = (simple and rhs.shape[:2] == (1, 1)
+               and all(int(p) == 0 for pair in padding for p in pair))
+  small_map = simple and (lhs.shape[1] < rhs.shape[0] or lhs.shape[2] < rhs.shape[1])
   strides = tuple(int(s) for s in window_strides)
-  fast = lambda x, w: _pointwise_conv(x, w, strides, precision)
+  if pointwise:
+    fast = lambda x, w: _pointwise_conv(x, w, strides, precision)
+  elif small_map:
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    fast = lambda x, w: _im2col_conv(x, w, strides, pads, precision)
+  else:
+    return plain(lhs, rhs)
   return lax.platform_dependent(lhs, rhs, cpu=fast, default=plain)
+
+
+def _im2col_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Padding,
+                 precision: Any) -> jax.Array:
+  """A convolution as one matrix product of the concatenated input taps with the kernel.
+
+  For maps smaller than the kernel (ResNet-18's last stage at 64 px: 3x3 kernels on 2x2 maps)
+  XLA:CPU swaps the convolution's operands into a form that ran at ~3 GFLOP/s (47 ms for one
+  512->512 layer at batch 8, where the 96 px model's whole forward takes 23 ms); the taps of
+  such a map are tiny, and autodiff of slices and one product needs no convolution at all.
+  """
+  kh, kw, cin, cout = w.shape
+  ho = (x.shape[1] + sum(padding[0]) - kh) // strides[0] + 1
+  wo = (x.shape[2] + sum(padding[1]) - kw) // strides[1] + 1
+  taps = jnp.concatenate(_taps(x, (kh, kw), strides, padding, (ho, wo)), axis=-1)
+  return _channel_matmul(taps, w.reshape(kh * kw * cin, cout), precision)
 
 
 # ------------------------------------------------------------------------------ max pooling ---
