@@ -22,6 +22,8 @@ TPU = ROOT / "launch" / "tpu_vm.sh"
 GPU = ROOT / "launch" / "gpu.sh"
 SLURM = ROOT / "launch" / "slurm.sbatch"
 SCRIPTS = [TPU, GPU, SLURM]
+# Shell scripts outside launch/ that are held to the same shellcheck standard.
+OTHER_SCRIPTS = [ROOT / "benchmarks" / "device_check.sh"]
 JAX_PIN = re.search(r"^jax==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M).group(1)
 _DRY_ENV = ("DRY_RUN", "DRY_RUN_STATES", "DRY_RUN_JOB_STATUS", "DRY_RUN_EXIT_CODES",
             "DRY_RUN_EXIT_CODE", "TPU_NAME", "TPU_ZONE", "TPU_PROJECT", "TPU_ACCELERATOR_TYPE",
@@ -63,7 +65,7 @@ def _shellcheck():
   return exe
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SCRIPTS + OTHER_SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck_clean(script):
   result = subprocess.run([_shellcheck(), "-s", "bash", "-S", "style", str(script)],
                           capture_output=True, text=True, check=False)
