@@ -374,12 +374,14 @@ def _defaults(accelerator: bool, scaling_mode: bool) -> dict[str, Any]:
   if scaling_mode:
     return dict(methods="densecl", models="resnet18", sizes="64" if not accelerator else "224",
                 batch=16 if not accelerator else 256, dtypes="float32" if not accelerator
-                else "bfloat16", repeats=3, iters=2 if not accelerator else 20, warmup=1)
+                else "bfloat16", repeats=3, iters=2 if not accelerator else 20, warmup=3)
   if accelerator:
     return dict(methods=",".join(METHODS), models="resnet18,resnet50", sizes="224", batch=256,
                 dtypes="float32,bfloat16", repeats=5, iters=20, warmup=3)
+  # Three warm-up steps: after one, rounds spread by 0.2-0.5 on a 2-core VM, after three by
+  # 0.04-0.08 (RESULTS.md, section 1a); the run still takes ~2 minutes.
   return dict(methods=",".join(METHODS), models="resnet50", sizes="224", batch=8,
-              dtypes="float32", repeats=3, iters=1, warmup=1)
+              dtypes="float32", repeats=5, iters=1, warmup=3)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
