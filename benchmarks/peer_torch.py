@@ -375,8 +375,8 @@ def parse_args(argv: Sequence[str] | None, accelerator: bool) -> argparse.Namesp
                  help="float32 | bfloat16 (PyTorch: autocast)")
   p.add_argument("--repeats", type=int, default=5 if accelerator else 3)
   p.add_argument("--iters", type=int, default=10 if accelerator else 1)
-  # Three on CPU too: with one, whichever method a process times first ran 1.4-1.6x slower in
-  # both frameworks (the VM's first touches of fresh memory; RESULTS.md, section 2).
+  # Three on CPU too: with one, whichever method a process timed first ran 1.4-1.6x slower in
+  # both frameworks (RESULTS.md, section 2; the cause was not pinned down).
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--queue", type=int, default=65536)
   p.add_argument("--hidden", type=int, default=None, help="neck hidden width (paper: 2048)")
