@@ -51,11 +51,13 @@ def test_resnet_convolutions_leave_ynnpack_and_reductions_stay(monkeypatch):
 
 
 def _resnet_loss(net, variables, x):
+  """params -> (a scalar loss of the C5 map, the map), train-mode BatchNorm."""
   def loss(params):
     y, _ = net.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
                      mutable=["batch_stats"])
-    return jnp.mean(y.astype(jnp.float32) ** 2), y
-  return jax.value_and_grad(loss, has_aux=True)
+    # float32 at least; the float64 reference keeps its own precision.
+    return jnp.mean(y.astype(jnp.promote_types(y.dtype, jnp.float32)) ** 2), y
+  return loss
 
 
 def test_resnet_forward_and_loss_equal_under_the_options(monkeypatch):
@@ -63,7 +65,7 @@ def test_resnet_forward_and_loss_equal_under_the_options(monkeypatch):
   net = models.get_backbone("resnet18")
   x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
   variables = net.init(jax.random.key(1), x)
-  fn = lambda p: _resnet_loss(net, variables, x)(p)[0]  # values only: the gradient is dead code
+  fn = _resnet_loss(net, variables, x)
   l0, y0 = jax.jit(fn)(variables["params"])
   l1, y1 = jax.jit(fn, compiler_options=xla_cpu.compiler_options("cpu"))(variables["params"])
   # Different convolution kernels sum in a different order: float rounding only, through 17
@@ -92,10 +94,11 @@ def test_resnet_gradients_under_the_options_are_float32_rounding_of_float64(monk
     for batch, size in ((2, 64), (8, 96)):
       x = jax.random.normal(jax.random.key(0), (batch, size, size, 3), jnp.float32)
       variables = net32.init(jax.random.key(1), x)
-      (_, y_ref), g_ref = jax.jit(_resnet_loss(net64, variables, x.astype(jnp.float64)))(
-          jax.tree.map(lambda a: a.astype(jnp.float64), variables["params"]))
+      (_, y_ref), g_ref = jax.jit(jax.value_and_grad(
+          _resnet_loss(net64, variables, x.astype(jnp.float64)), has_aux=True))(
+              jax.tree.map(lambda a: a.astype(jnp.float64), variables["params"]))
       assert y_ref.dtype == jnp.float64
-      fn = _resnet_loss(net32, variables, x)
+      fn = jax.value_and_grad(_resnet_loss(net32, variables, x), has_aux=True)
       for options in (None, xla_cpu.compiler_options("cpu")):
         (_, y), g = jax.jit(fn, compiler_options=options)(variables["params"])
         assert rel_error(y, y_ref) < 1e-4, (batch, size, options)
