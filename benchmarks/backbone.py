@@ -20,34 +20,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # pylint: disable=g-import-not-at-top,wrong-import-position
-import contextlib  # pylint: disable=wrong-import-position
 import functools  # pylint: disable=wrong-import-position
-from collections.abc import Iterator, Sequence  # pylint: disable=wrong-import-position
+from collections.abc import Sequence  # pylint: disable=wrong-import-position
 from typing import Any  # pylint: disable=wrong-import-position
 
-import flax.linen as nn  # pylint: disable=wrong-import-position
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
-from jax import lax  # pylint: disable=wrong-import-position
 
 from benchmarks import common  # pylint: disable=wrong-import-position
 from dense_ssl import models, xla_cpu  # pylint: disable=wrong-import-position
-from dense_ssl.models import conv  # pylint: disable=wrong-import-position
 
 COLUMNS = ("model", "size", "batch", "variant", "fwd ms", "fwd+bwd ms", "bwd/fwd", "spread")
-
-
-@contextlib.contextmanager
-def xla_gradients() -> Iterator[None]:
-  """Traces ResNets with XLA's own convolution and max-pool gradients (for comparison)."""
-  saved = conv.conv_general_dilated, conv.max_pool
-  conv.conv_general_dilated = lax.conv_general_dilated
-  conv.max_pool = lambda x, window, strides, padding: nn.max_pool(
-      x, window, strides=strides, padding=padding)
-  try:
-    yield
-  finally:
-    conv.conv_general_dilated, conv.max_pool = saved
 
 
 # variant -> (compiler options of dense_ssl.xla_cpu, models/conv.py's gradients)
@@ -60,7 +43,7 @@ class Backbone:
   def __init__(self, model: str, size: int, batch: int, variant: str):
     self.model, self.size, self.batch, self.variant = model, size, batch, variant
     options, ours = VARIANTS[variant]
-    net = models.get_backbone(model)
+    net = models.get_backbone(model, cpu_kernels=ours)
     x = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
     variables = net.init(jax.random.key(1), x)
     stats = variables["batch_stats"]
@@ -71,10 +54,9 @@ class Backbone:
 
     loss = lambda params, images: jnp.mean(features(params, images) ** 2)
     opts = xla_cpu.compiler_options() if options else None
-    with contextlib.nullcontext() if ours else xla_gradients():
-      self.fwd = jax.jit(features, compiler_options=opts).lower(variables["params"], x).compile()
-      self.grad = jax.jit(jax.grad(loss), compiler_options=opts).lower(
-          variables["params"], x).compile()
+    self.fwd = jax.jit(features, compiler_options=opts).lower(variables["params"], x).compile()
+    self.grad = jax.jit(jax.grad(loss), compiler_options=opts).lower(
+        variables["params"], x).compile()
     self.args = (variables["params"], x)
     for fn in (self.fwd, self.grad):  # warm-up
       jax.block_until_ready(fn(*self.args))

@@ -74,7 +74,7 @@ def fallback_config(method: str) -> AttrDict:
   """configs/<method>.py's default variant, rebuilt without ml_collections."""
   if method not in METHOD_LABELS:
     raise ValueError(f"Unknown method {method!r}; valid choices: {', '.join(METHOD_LABELS)}.")
-  m = dict(name=method, temperature=0.2, queue_size=65536, momentum=0.999,
+  m = dict(name=method, module="", temperature=0.2, queue_size=65536, momentum=0.999,
            momentum_schedule="constant", dim=128, hidden=2048, bn="shuffle", bn_groups=8)
   if method != "mocov2":
     m.update(loss_lambda=0.5, dense_chunk=4096)
@@ -85,12 +85,15 @@ def fallback_config(method: str) -> AttrDict:
                 crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True,
                 shuffle_buffer=10_000, demo_num_images=1024, prefetch=2,
                 scenes_num_images=10_000, scenes_size=96, folder_decoder="tf"),
-      augment=dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
-                   jitter_prob=(0.8, 0.8), grey_prob=(0.2, 0.2), blur_prob=(0.5, 0.5),
-                   blur_sigma=(0.1, 2.0), solarize_prob=(0.0, 0.0),
-                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+      augment=dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                   presets=dict(mocov2=dict(
+                       brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_prob=0.8,
+                       grey_prob=0.2, blur_prob=0.5, blur_sigma=(0.1, 2.0),
+                       solarize_prob=0.0))),
       optim=dict(name="sgd", lr=0.03, momentum=0.9, weight_decay=1e-4, schedule="cosine",
-                 warmup_epochs=0.0, b1=0.9, b2=0.999),
+                 warmup_epochs=0.0, b1=0.9, b2=0.999, base_batch_size=0,
+                 weight_decay_end=-1.0, clip_grad_norm=0.0, no_decay=(), frozen=(),
+                 freeze_early=(), freeze_early_epochs=0.0),
       method=m, evals={}, eval_every_steps=0, log_every_steps=50, checkpoint_every_steps=1000,
       keep_checkpoints=3, nan_policy="stop")
 
@@ -110,9 +113,14 @@ def project_config(method: str) -> tuple[AttrDict, str]:
 def bench_config(method: str, *, model: str, image_size: int, batch: int, half_precision: bool,
                  queue: int | None = None, dense_chunk: int | None = None,
                  bn: str | None = None, bn_groups: int | None = None,
-                 hidden: int | None = None, dim: int | None = None) -> AttrDict:
-  """The method's paper recipe with the benchmarked sizes; None keeps the recipe's value."""
+                 hidden: int | None = None, dim: int | None = None,
+                 total_steps: int = 10_000) -> AttrDict:
+  """The method's paper recipe with the benchmarked sizes; None keeps the recipe's value.
+
+  `total_steps` only shapes the schedules (any value gives the same step cost).
+  """
   c, _ = project_config(method)
+  c.total_epochs, c.total_steps = 0.0, int(total_steps)
   c.model.name = model
   c.model.half_precision = bool(half_precision)
   c.data.source = "synthetic"
@@ -127,29 +135,9 @@ def bench_config(method: str, *, model: str, image_size: int, batch: int, half_p
 
 
 def import_trainer() -> Any:
-  """`dense_ssl.train`, importable on a machine without clu.
-
-  train.py imports `clu.metric_writers` at module level for `run()`'s logging, which the
-  benchmarks never call. Where clu is missing we register a stand-in `clu.metric_writers`
-  whose writer factory raises, so `train_step`/`create_state` (the code under test) stay
-  importable; with clu installed nothing is touched.
-  """
+  """`dense_ssl.train`: its `build` and `train_step` need neither TensorFlow nor clu (only
+  `train.run` imports them), so this works on the accelerator machines too."""
   import importlib  # pylint: disable=g-import-not-at-top
-  import types  # pylint: disable=g-import-not-at-top
-  try:
-    importlib.import_module("clu.metric_writers")
-  except ModuleNotFoundError as error:
-    if error.name not in ("clu", "clu.metric_writers"):
-      raise
-
-    def create_default_writer(*args: Any, **kwargs: Any) -> Any:
-      raise ModuleNotFoundError("clu is not installed; the benchmarks' stand-in cannot log.")
-
-    clu = types.ModuleType("clu")
-    writers = types.ModuleType("clu.metric_writers")
-    writers.create_default_writer = create_default_writer
-    clu.metric_writers = writers
-    sys.modules["clu"], sys.modules["clu.metric_writers"] = clu, writers
   return importlib.import_module("dense_ssl.train")
 
 

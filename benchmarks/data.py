@@ -76,9 +76,14 @@ def _dataset_iterator(data_cfg: Any, batch: int, threads: int) -> Iterator[dict[
   # The dataset that `pipeline.create_iterator` wraps, built directly: the wrapper starts an
   # iterator (and its prefetching) at once, which would compete with the one timed here.
   pipeline.hide_accelerators_from_tf()
-  dataset = pipeline.build_dataset(sources.create(data_cfg), data_cfg,
-                                   global_batch_size=batch, grid=int(data_cfg.image_size) // 32,
-                                   seed=0, start_step=0, process_index=0, process_count=1)
+  from dense_ssl.data import spec  # pylint: disable=g-import-not-at-top
+  size = int(data_cfg.image_size)
+  views = tuple(spec.ViewSpec(name, size, scale=tuple(data_cfg.crop_scale),
+                              ratio=tuple(data_cfg.crop_ratio), grid=size // 32)
+                for name in ("view1", "view2"))  # DenseCL's two views
+  dataset = pipeline.build_dataset(sources.create(data_cfg), data_cfg, views=views,
+                                   global_batch_size=batch, seed=0, start_step=0,
+                                   process_index=0, process_count=1)
   if threads > 0:
     options = tf.data.Options()
     options.threading.private_threadpool_size = threads

@@ -88,7 +88,7 @@ if [ "$SMOKE" != 1 ]; then
     export JAX_PLATFORMS=cpu
     part tests 420 "${PIN[@]}" "$PY" -m pytest -q -p no:cacheprovider -n 6 --dist loadfile \
       tests/test_losses.py tests/test_matchers.py tests/test_parity.py tests/test_methods.py \
-      tests/test_queues.py tests/test_base.py tests/test_conv.py tests/test_heads.py \
+      tests/test_queues.py tests/test_families.py tests/test_conv.py tests/test_heads.py \
       tests/test_resnet.py tests/test_vit.py tests/test_ema.py tests/test_xla_cpu.py \
       tests/test_export.py
   ) &

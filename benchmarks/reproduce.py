@@ -144,13 +144,13 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
   evaluators are built once, so every backbone is scored on the same held-out data.
   """
   import jax
-  from dense_ssl import config_errors, evaluate, train
+  from dense_ssl import config_errors, evaluate, methods as methods_lib, train
   from dense_ssl.evaluate import features
 
   first = _config(methods[0], variant, seeds[0], total_steps)
-  evaluators = evaluate.from_config(evals or first.evals or evaluate.DEFAULT_EVALS,
-                                    first.model.name)
-  random_init = features.init_variables(first.model.name, seed=seeds[0])
+  backbone = methods_lib.create(first).backbone
+  evaluators = evaluate.from_config(evals or first.evals or evaluate.DEFAULT_EVALS, backbone)
+  random_init = features.init_variables(backbone, seed=seeds[0])
   results, dense = evaluate_backbone(evaluators, random_init)
   rows = [{"name": "random init", "seed": seeds[0], **results}]
   dense_results = {"random init": dense}
@@ -162,7 +162,9 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
       start = time.perf_counter()
       state = train.run(config, os.path.join(workdir, f"{method}_seed{seed}"))
       wall = time.perf_counter() - start
-      results, dense_results[f"{method} s{seed}"] = evaluate_backbone(evaluators, state)
+      variables = methods_lib.create(config).backbone_variables(
+          jax.device_get(state.params), jax.device_get(state.batch_stats))
+      results, dense_results[f"{method} s{seed}"] = evaluate_backbone(evaluators, variables)
       rows.append({"name": method, "seed": seed, "wall_s": wall, **results})
       print(markdown_table(rows), flush=True)
 

@@ -105,7 +105,8 @@ class StepSpec:
     return common.bench_config(
         self.method, model=self.model, image_size=self.size, batch=self.batch,
         half_precision=self.dtype == "bfloat16", queue=self.queue, dense_chunk=self.dense_chunk,
-        bn=self.bn, bn_groups=groups, hidden=self.hidden, dim=self.dim)
+        bn=self.bn, bn_groups=groups, hidden=self.hidden, dim=self.dim,
+        total_steps=SCHEDULE_STEPS)
 
 
 def make_mesh(num_devices: int) -> Mesh:
@@ -117,26 +118,36 @@ def make_mesh(num_devices: int) -> Mesh:
   return Mesh(np.asarray(devices[:num_devices]), ("data",), axis_types=(AxisType.Auto,))
 
 
-def synthetic_batch(batch: int, size: int, mesh: Mesh, seed: int = 0) -> dict[str, jax.Array]:
-  """A host batch as the pipeline makes it (uint8 views, grids, boxes, flips), put on device.
+def synthetic_batch(shapes: dict[str, tuple[tuple[int, ...], Any]], mesh: Mesh,
+                    seed: int = 0) -> dict[str, jax.Array]:
+  """A host batch of the method's `shapes` (uint8 views, grids, boxes, flips), on device.
 
-  Views are uniform noise; boxes are random crops and the grids their cell centres, so the
-  geometric correspondence metrics see plausible values. Costs do not depend on the values.
+  Views are uniform noise; each view's box is a random crop and its grid the cell centres, so
+  the geometric correspondence metrics see plausible values. Costs do not depend on values.
   """
   rng = np.random.default_rng(seed)
-  grid = size // STRIDE
-  centres = (np.arange(grid, dtype=np.float32) + 0.5) / grid
   out: dict[str, np.ndarray] = {}
-  for view in (1, 2):
-    side = rng.uniform(0.45, 1.0, (batch, 2)).astype(np.float32)
-    origin = (rng.uniform(0.0, 1.0, (batch, 2)) * (1.0 - side)).astype(np.float32)
-    ys = origin[:, 0, None] + centres[None] * side[:, 0, None]
-    xs = origin[:, 1, None] + centres[None] * side[:, 1, None]
-    out[f"view{view}"] = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-    out[f"coords{view}"] = np.stack(np.broadcast_arrays(ys[:, :, None], xs[:, None, :]), -1)
-    out[f"valid{view}"] = np.ones((batch, grid, grid), bool)
-    out[f"box{view}"] = np.concatenate([origin, origin + side], axis=1)
-    out[f"flip{view}"] = np.zeros((batch,), bool)
+  for key, (shape, dtype) in shapes.items():
+    if dtype == np.uint8:
+      out[key] = rng.integers(0, 256, shape, dtype=np.uint8)
+    elif key.endswith("_coords"):
+      continue  # from the view's box below
+    elif key.endswith("_box"):
+      batch = shape[0]
+      side = rng.uniform(0.45, 1.0, (batch, 2)).astype(np.float32)
+      origin = (rng.uniform(0.0, 1.0, (batch, 2)) * (1.0 - side)).astype(np.float32)
+      out[key] = np.concatenate([origin, origin + side], axis=1)
+      coords = key[:-len("_box")] + "_coords"
+      if coords in shapes:
+        grid = shapes[coords][0][1]
+        centres = (np.arange(grid, dtype=np.float32) + 0.5) / grid
+        ys = origin[:, 0, None] + centres[None] * side[:, 0, None]
+        xs = origin[:, 1, None] + centres[None] * side[:, 1, None]
+        out[coords] = np.stack(np.broadcast_arrays(ys[:, :, None], xs[:, None, :]), -1)
+    elif key.endswith("_valid"):
+      out[key] = np.ones(shape, bool)
+    else:
+      out[key] = np.zeros(shape, dtype)
   sharding = NamedSharding(mesh, P("data"))
   return {k: jax.device_put(v, sharding) for k, v in out.items()}
 
@@ -144,45 +155,34 @@ def synthetic_batch(batch: int, size: int, mesh: Mesh, seed: int = 0) -> dict[st
 class JaxStep:
   """The compiled `train_step` of one spec with its state and batch, ready to be timed.
 
-  Construction initialises the state, compiles (timed), runs `warmup` steps and checks that
-  the loss is finite; `run_round(iters)` returns the seconds `iters` more steps take.
+  Construction builds everything with the trainer's own `train.build` (method, optimiser,
+  state, the jitted step), compiles (timed), runs `warmup` steps and checks that the loss is
+  finite; `run_round(iters)` returns the seconds `iters` more steps take.
   """
 
   def __init__(self, spec: StepSpec, *, warmup: int = 1, seed: int = 0):
     start = time.perf_counter()
-    from dense_ssl import ema, optim, xla_cpu  # pylint: disable=g-import-not-at-top
     from dense_ssl import methods as methods_lib  # pylint: disable=g-import-not-at-top
     train = common.import_trainer()
 
     self.spec = spec
     self.config = config = spec.config()
     self.mesh = make_mesh(spec.devices)
-    lr_fn = optim.learning_rate_fn(config.optim, SCHEDULE_STEPS, 0)
-    tx = optim.create_optimizer(config.optim, lr_fn)
-    momentum_fn = functools.partial(
-        ema.momentum_at, total_steps=SCHEDULE_STEPS, base=config.method.get("momentum", 0.0),
-        schedule=config.method.get("momentum_schedule", "constant"))
-    self.state = train.create_state(config, methods_lib.create(config), tx, self.mesh)
-    self.batch = synthetic_batch(spec.batch, spec.size, self.mesh, seed)
-    state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
-
-    def jitted_step(cfg: Any) -> Any:
-      step_fn = functools.partial(train.train_step, method=methods_lib.create(cfg), config=cfg,
-                                  lr_fn=lr_fn, momentum_fn=momentum_fn)
-      return jax.jit(step_fn,
-                     in_shardings=(state_sharding, NamedSharding(self.mesh, P("data"))),
-                     out_shardings=(state_sharding, NamedSharding(self.mesh, P())),
-                     donate_argnums=(0,), compiler_options=xla_cpu.compiler_options())
+    built = train.build(config, self.mesh, num_examples=spec.batch)
+    self.state = built.state
+    self.batch = synthetic_batch(built.batch_spec, self.mesh, seed)
 
     with jax.set_mesh(self.mesh):
       with common.Stopwatch() as watch:
-        lowered = jitted_step(config).lower(self.state, self.batch)
+        lowered = built.step.lower(self.state, self.batch)
         self.compiled = lowered.compile()
       self.compile_s = watch.seconds
       if spec.method != "mocov2" and spec.dense_chunk > 0:
         # The same step with materialised logits, lowered only (not compiled).
         plain = dataclasses.replace(spec, dense_chunk=0).config()
-        lowered = jitted_step(plain).lower(self.state, self.batch)
+        method = methods_lib.create(plain, built.durations)
+        lowered = train.jit_step(method, plain, built.lr_fn, self.state,
+                                 self.mesh).lower(self.state, self.batch)
       self.flops = common.lowered_flops(lowered)
     self.xla_bytes = common.compiled_bytes(self.compiled)
 
@@ -216,26 +216,29 @@ class JaxStep:
 
 
 def augment_seconds(spec: StepSpec, *, repeats: int = 3, iters: int = 1) -> float:
-  """Seconds per step of the on-device colour augmentation alone (both views), median.
+  """Seconds per step of the on-device colour augmentation alone (every view), median.
 
-  The train step runs `augment.augment_batch` first; timing it alone tells how much of the
+  The train step runs `augment.augment_views` first; timing it alone tells how much of the
   step is augmentation rather than the method (the PyTorch peer receives augmented inputs).
   """
+  from dense_ssl import methods as methods_lib  # pylint: disable=g-import-not-at-top
   from dense_ssl.data import augment  # pylint: disable=g-import-not-at-top  (no TensorFlow)
+  from dense_ssl.data import spec as spec_lib  # pylint: disable=g-import-not-at-top
   config = spec.config()
   mesh = make_mesh(spec.devices)
-  batch = synthetic_batch(spec.batch, spec.size, mesh)
-  views = {k: batch[k] for k in ("view1", "view2")}
-  fn = jax.jit(lambda rng, b: augment.augment_batch(rng, b, config.augment))
+  views = methods_lib.create(config).views()
+  images = {v.name: spec_lib.batch_shapes([v], spec.batch)[v.name] for v in views}
+  batch = synthetic_batch(images, mesh)
+  fn = jax.jit(lambda rng, b: augment.augment_views(rng, b, views, config.augment))
   with jax.set_mesh(mesh):
-    compiled = fn.lower(jax.random.key(0), views).compile()
-    jax.block_until_ready(compiled(jax.random.key(0), views))
+    compiled = fn.lower(jax.random.key(0), batch).compile()
+    jax.block_until_ready(compiled(jax.random.key(0), batch))
 
     def one_round() -> float:
       with common.Stopwatch() as watch:
         out = None
         for i in range(iters):
-          out = compiled(jax.random.key(i), views)
+          out = compiled(jax.random.key(i), batch)
         jax.block_until_ready(out)
       return watch.seconds
 

@@ -10,6 +10,18 @@ import ml_collections
 IMAGENET = dict(source="imagenet2012", data_dir="", folder="", split="train")
 
 
+def preset(**overrides) -> dict:
+  """A colour-augmentation preset: MoCo-v2's (torchvision ColorJitter(0.4, 0.4, 0.4, 0.1) with
+  p 0.8, grey p 0.2, Gaussian blur sigma 0.1-2 with p 0.5, no solarisation), with overrides."""
+  p = dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_prob=0.8,
+           grey_prob=0.2, blur_prob=0.5, blur_sigma=(0.1, 2.0), solarize_prob=0.0)
+  unknown = sorted(set(overrides) - set(p))
+  if unknown:
+    raise ValueError(f"Unknown augmentation preset keys {unknown}; valid: {sorted(p)}.")
+  p.update(overrides)
+  return p
+
+
 def base_config() -> ml_collections.ConfigDict:
   """The MoCo-v2 ImageNet recipe's shared parts (ResNet-50, 200 epochs, batch 256)."""
   c = ml_collections.ConfigDict()
@@ -25,14 +37,17 @@ def base_config() -> ml_collections.ConfigDict:
       **IMAGENET, image_size=224, crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True,
       shuffle_buffer=10_000, demo_num_images=1024, prefetch=2, scenes_num_images=10_000,
       scenes_size=96, folder_decoder="tf"))
-  # MoCo-v2 augmentation; pairs are (view1, view2).
+  # Colour augmentation presets by name; each view of a method names one (its ViewSpec).
   c.augment = ml_collections.ConfigDict(dict(
-      brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_prob=(0.8, 0.8),
-      grey_prob=(0.2, 0.2), blur_prob=(0.5, 0.5), blur_sigma=(0.1, 2.0),
-      solarize_prob=(0.0, 0.0), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
+      mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+      presets=dict(mocov2=preset())))
+  # Optimiser and its hooks (dense_ssl/optim.py): regexes of parameter paths for no_decay,
+  # frozen and freeze_early; weight_decay_end >= 0 makes the decay a cosine schedule;
+  # base_batch_size > 0 scales lr by batch_size / base_batch_size.
   c.optim = ml_collections.ConfigDict(dict(
       name="sgd", lr=0.03, momentum=0.9, weight_decay=1e-4, schedule="cosine",
-      warmup_epochs=0.0, b1=0.9, b2=0.999))
+      warmup_epochs=0.0, b1=0.9, b2=0.999, base_batch_size=0, weight_decay_end=-1.0,
+      clip_grad_norm=0.0, no_decay=(), frozen=(), freeze_early=(), freeze_early_epochs=0.0))
 
   # Frozen-backbone evaluators (dense_ssl/evaluate), by name: {"type": registered name, params}.
   # They run on process 0 every `eval_every_steps` (0 = once, at the end) when any are set.
@@ -48,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def moco_method(**overrides) -> ml_collections.ConfigDict:
   """MoCo-v2's method block; DenseCL/HoughCL add their own keys through `overrides`."""
-  m = dict(name="mocov2", temperature=0.2, queue_size=65536, momentum=0.999,
+  m = dict(name="mocov2", module="", temperature=0.2, queue_size=65536, momentum=0.999,
            momentum_schedule="constant", dim=128, hidden=2048, bn="shuffle", bn_groups=8)
   m.update(overrides)
   return ml_collections.ConfigDict(m)

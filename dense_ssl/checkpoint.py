@@ -4,6 +4,10 @@ Orbax writes each checkpoint into a temporary directory and renames it only once
 crash during a save leaves the previous checkpoint as the latest one (never a half-written one).
 The state is saved as a plain nested dict (`flax.serialization.to_state_dict`), which keeps the
 files readable without this codebase's classes (`load_backbone` relies on that).
+
+A checkpoint loads on any topology: resuming restores into the new mesh's shardings, and
+`load_raw` (export, evaluation, pictures) restores every array onto this process's first
+device, whatever device count or process count wrote it.
 """
 
 from __future__ import annotations
@@ -68,13 +72,22 @@ def load_config_dict(workdir: str) -> dict[str, Any]:
 
 
 def load_raw(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
-  """Restores a checkpoint as plain numpy nested dicts, without knowing the model."""
+  """Restores a checkpoint as plain numpy nested dicts, without knowing the model.
+
+  The arrays are read onto this process's first device (the checkpoint's own shardings name
+  devices that need not exist here), then copied to the host.
+  """
   manager = ocp.CheckpointManager(_directory(workdir))
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"No checkpoint under {_directory(workdir)}; train first with "
                             f"python -m dense_ssl.main --workdir={workdir}.")
-  tree = manager.restore(step, args=ocp.args.StandardRestore())
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  metadata = manager.item_metadata(step)
+  metadata = getattr(metadata, "tree", metadata)
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                          metadata)
+  tree = manager.restore(step, args=ocp.args.StandardRestore(abstract))
   manager.close()
   return step, jax.tree.map(_to_numpy, tree)
 
@@ -85,13 +98,27 @@ def _to_numpy(x: Any) -> np.ndarray:
   return np.asarray(x)
 
 
-def load_backbone(workdir: str, step: int | None = None) -> tuple[str, dict, dict]:
-  """(model name, backbone params, backbone batch_stats) of the online encoder of a run."""
-  model_name = load_config_dict(workdir)["model"]["name"]
-  _, tree = load_raw(workdir, step)
-  params = tree["params"]["backbone"]
-  stats = tree["batch_stats"].get("online", {}).get("backbone", {})
-  return model_name, params, stats
+def load_config(workdir: str) -> Any:
+  """The run's config (config.json) as an ml_collections ConfigDict."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(load_config_dict(workdir))
+
+
+def load_method(workdir: str) -> Any:
+  """The run's method, rebuilt from its config (it knows where its backbone lives)."""
+  from dense_ssl import methods  # pylint: disable=g-import-not-at-top
+  return methods.create(load_config(workdir))
+
+
+def load_backbone(workdir: str, step: int | None = None) -> tuple[int, Any, dict[str, Any]]:
+  """(step, Backbone, {"params", "batch_stats"}) of the online backbone of a run's checkpoint.
+
+  The method of the run says where its backbone is (`Method.backbone_variables`), so this
+  works for every method, ResNet or ViT, and on any device count.
+  """
+  method = load_method(workdir)
+  step, tree = load_raw(workdir, step)
+  return step, method.backbone, method.backbone_variables(tree["params"], tree["batch_stats"])
 
 
 def all_finite(tree: Any) -> bool:

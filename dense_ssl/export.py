@@ -55,6 +55,7 @@ because BatchNorm with a momentum never reads it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import re
@@ -67,7 +68,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FORMATS = ("torchvision", "detectron2")
+# Per backbone family, the formats it exports to.
+FORMATS = {"resnet": ("torchvision", "detectron2")}
 _TORCH_HINT = "pip install torch==2.13.0"
 
 # Submodules of a block, in torchvision's state_dict order, and their torchvision names.
@@ -158,20 +160,20 @@ def to_detectron2(params: dict, batch_stats: dict) -> dict[str, Any]:
   return {"model": model, "__author__": "dense_ssl", "matching_heuristics": True}
 
 
-def check_backbone(model_name: str, params: dict, batch_stats: dict) -> None:
-  """Raises if the trees are not exactly those of `models.get_backbone(model_name)`."""
-  from dense_ssl import models  # Keeps `import dense_ssl.export` light for the converters.
-
-  module = models.get_backbone(model_name)
+def check_backbone(backbone: Any, variables: dict[str, Any]) -> None:
+  """Raises if `variables` are not exactly those of `backbone` (a `models.Backbone`)."""
+  module = backbone.eval_module()
   expected = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
                                                 train=False))
-  for what, tree in (("params", params), ("batch_stats", batch_stats)):
+  expected = {"params": expected["params"], "batch_stats": expected.get("batch_stats", {})}
+  for what in ("params", "batch_stats"):
+    tree = variables.get(what, {})
     want = jax.tree_util.tree_flatten_with_path(jax.tree.map(np.shape, expected[what]))[0]
     got = jax.tree_util.tree_flatten_with_path(jax.tree.map(np.shape, tree))[0]
     if dict(want) != dict(got):
       missing = sorted(jax.tree_util.keystr(k) for k in set(dict(want)) - set(dict(got)))[:3]
       extra = sorted(jax.tree_util.keystr(k) for k in set(dict(got)) - set(dict(want)))[:3]
-      raise ValueError(f"The checkpoint's backbone {what} do not match {model_name!r} "
+      raise ValueError(f"The checkpoint's backbone {what} do not match {backbone.name!r} "
                        f"(missing e.g. {missing}, unexpected e.g. {extra}, or other shapes); "
                        "check config.model.name of the run.")
 
@@ -213,9 +215,26 @@ def save(obj: dict, path: str, format: str | None = None) -> None:  # pylint: di
       pickle.dump(obj, f)
 
 
-def _check_format(format: str) -> None:  # pylint: disable=redefined-builtin
-  if format not in FORMATS:
-    raise ValueError(f"Unknown export format {format!r}; valid formats: {', '.join(FORMATS)}.")
+def _check_format(format: str, family: str | None = None) -> None:  # pylint: disable=redefined-builtin
+  valid = FORMATS.get(family, ()) if family else _all_formats()
+  if format not in valid:
+    what = f"a {family} backbone" if family else "dense_ssl"
+    raise ValueError(f"Unknown export format {format!r} for {what}; valid formats: "
+                     f"{', '.join(valid) or 'none yet'}.")
+
+
+def _all_formats() -> list[str]:
+  return list(dict.fromkeys(f for formats in FORMATS.values() for f in formats))
+
+
+def available_formats(backbone: Any) -> list[str]:
+  """The formats of `backbone`'s family that this machine can write (.pth needs torch)."""
+  have_torch = importlib.util.find_spec("torch") is not None
+  formats = [f for f in FORMATS.get(backbone.family, ())
+             if have_torch or not default_output("", f).endswith(".pth")]
+  if not have_torch and len(formats) < len(FORMATS.get(backbone.family, ())):
+    logging.info("torch is not installed: skipping the .pth exports.")
+  return formats
 
 
 def default_output(workdir: str, format: str) -> str:  # pylint: disable=redefined-builtin
@@ -224,13 +243,13 @@ def default_output(workdir: str, format: str) -> str:  # pylint: disable=redefin
   return os.path.join(workdir, "export", f"backbone_{format}.{ext}")
 
 
-def export(model_name: str, params: dict, batch_stats: dict, format: str,  # pylint: disable=redefined-builtin
+def export(backbone: Any, variables: dict[str, Any], format: str,  # pylint: disable=redefined-builtin
            output: str) -> str:
-  """Checks the trees against `model_name`, converts them to `format`, writes `output`."""
-  _check_format(format)
-  check_backbone(model_name, params, batch_stats)
+  """Checks `variables` against `backbone`, converts them to `format`, writes `output`."""
+  _check_format(format, backbone.family)
+  check_backbone(backbone, variables)
   convert = to_torchvision if format == "torchvision" else to_detectron2
-  save(convert(params, batch_stats), output)
+  save(convert(variables["params"], variables.get("batch_stats", {})), output)
   return output
 
 
@@ -240,10 +259,10 @@ def run(workdir: str, format: str = "torchvision", output: str | None = None,  #
   _check_format(format)
   from dense_ssl import checkpoint  # Needs orbax; imported here so the converters do not.
 
-  model_name, params, batch_stats = checkpoint.load_backbone(workdir, step)
+  _, backbone, variables = checkpoint.load_backbone(workdir, step)
   output = output or default_output(workdir, format)
-  export(model_name, params, batch_stats, format, output)
-  logging.info("Wrote the %s backbone in %s format to %s.", model_name, format, output)
+  export(backbone, variables, format, output)
+  logging.info("Wrote the %s backbone in %s format to %s.", backbone.name, format, output)
   return output
 
 
@@ -252,7 +271,7 @@ def _define_flags() -> None:
   # entrypoint has its own --workdir) never clashes with other flag definitions.
   flags.DEFINE_string("workdir", None, "Training run directory (holds the checkpoints).",
                       required=True)
-  flags.DEFINE_enum("format", "torchvision", list(FORMATS), "Output layout.")
+  flags.DEFINE_enum("format", "torchvision", _all_formats(), "Output layout.")
   flags.DEFINE_string("output", None, "Output file (.pth or .pkl); default "
                       "<workdir>/export/backbone_<format>.pth|.pkl.")
   flags.DEFINE_integer("step", None, "Checkpoint step to export; default the latest.")

@@ -1,5 +1,9 @@
 """Loss kernels: pure functions of arrays. Callers apply `stop_gradient` to their targets.
 
+The bottom level of the codebase: this module imports nothing of dense_ssl (tested), so every
+method, matcher and tool can use it. A method's own composition of these kernels (DenseCL's
+head, UniVIP's three terms, DILEMMA's total, ConMIM's patch InfoNCE) lives in its method file.
+
 Conventions: embeddings on the last axis; `l2_normalize` is torch's F.normalize (eps 1e-12);
 cross-entropies are computed in at least float32 whatever the compute dtype of the model.
 """
@@ -13,11 +17,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dense_ssl import matchers
-from dense_ssl.methods import base
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||, eps), as torch.nn.functional.normalize (the references' convention)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, eps)
 
 
-def _f32(x: jax.Array) -> jax.Array:
+def at_least_f32(x: jax.Array) -> jax.Array:
   """At least float32 (bfloat16 activations are upcast; float64 stays when x64 is on)."""
   x = jnp.asarray(x)
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -39,7 +46,7 @@ def info_nce_per_row(q: jax.Array, k: jax.Array, queue: jax.Array,
 
   Returns (ce (R,), logits (R, 1+K) already divided by T).
   """
-  q, k, queue = _f32(q), _f32(k), _f32(queue)
+  q, k, queue = at_least_f32(q), at_least_f32(k), at_least_f32(queue)
   pos = jnp.sum(q * k, axis=-1, keepdims=True)
   logits = jnp.concatenate([pos, q @ queue.T], axis=1) / temperature
   labels = jnp.zeros(logits.shape[0], jnp.int32)
@@ -172,17 +179,18 @@ def dense_info_nce(q: jax.Array, k: jax.Array, queue: jax.Array, temperature: fl
   if q.ndim != 2 or q.shape != k.shape or queue.ndim != 2 or queue.shape[1] != q.shape[1]:
     raise ValueError(f"dense_info_nce needs q, k of shape (R, D) and a queue (K, D); got "
                      f"{q.shape}, {k.shape}, {queue.shape}.")
-  return _dense_info_nce(_f32(q), _f32(k), _f32(queue), float(temperature), int(chunk_size))
+  return _dense_info_nce(at_least_f32(q), at_least_f32(k), at_least_f32(queue),
+                         float(temperature), int(chunk_size))
 
 
 # ---------------------------------------------------------------------------------------------
-# BYOL / UniVIP: negative cosine terms and the optimal-transport instance loss.
+# BYOL / UniVIP: negative cosine terms.
 # ---------------------------------------------------------------------------------------------
 
 
 def cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
   """cos(a, b) along the last axis, with F.normalize's epsilon."""
-  return jnp.sum(base.l2_normalize(_f32(a)) * base.l2_normalize(_f32(b)), axis=-1)
+  return jnp.sum(l2_normalize(at_least_f32(a)) * l2_normalize(at_least_f32(b)), axis=-1)
 
 
 def negative_cosine(p: jax.Array, z: jax.Array) -> jax.Array:
@@ -195,74 +203,8 @@ def byol_regression(p: jax.Array, z: jax.Array) -> jax.Array:
   return jnp.mean(2.0 - 2.0 * cosine_similarity(p, z))
 
 
-def univip_marginals(o: jax.Array, t: jax.Array, p_scene: jax.Array, z_scene: jax.Array,
-                     floor: float = 1e-8) -> dict[str, jax.Array]:
-  """UniVIP's transport marginals from scene/instance agreement (METHODS.md §2).
-
-  Args:
-    o, t: (N, K, D) online instance outputs and target instance projections.
-    p_scene: (N, D) mean of the two online scene outputs, (p1 + p2) / 2.
-    z_scene: (N, D) mean of the two target scene projections, (z1 + z2) / 2.
-    floor: added before normalising so an all-clamped side stays finite.
-
-  Returns {"b_raw", "a_raw", "row", "col"}: raw (ReLU'd dot products) and normalised weights;
-  rows are online instances (weighted by the target scene), columns target instances.
-  """
-  b_raw = jax.nn.relu(jnp.einsum("nmd,nd->nm", _f32(o), _f32(z_scene)))
-  a_raw = jax.nn.relu(jnp.einsum("nld,nd->nl", _f32(t), _f32(p_scene)))
-  row = (b_raw + floor) / jnp.sum(b_raw + floor, axis=-1, keepdims=True)
-  col = (a_raw + floor) / jnp.sum(a_raw + floor, axis=-1, keepdims=True)
-  return {"b_raw": b_raw, "a_raw": a_raw, "row": row, "col": col}
-
-
-def ot_instance_loss(o: jax.Array, t: jax.Array, row: jax.Array, col: jax.Array, *,
-                     eps: float = 0.1, n_iter: int = 50,
-                     byol_form: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """UniVIP instance-instance loss: -Σ P·cos between online and target instances, batch mean.
-
-  The plan P = sinkhorn(1 - cos, row, col) is a constant (stop-gradient); the gradient flows
-  through the cosines only. `byol_form` uses Σ P·(2 - 2cos) instead of -Σ P·cos.
-
-  Returns (loss, {"cos_ot", "cost", "plan", "per_image"}).
-  """
-  cos_ot = jnp.einsum("nmd,nld->nml", base.l2_normalize(_f32(o)), base.l2_normalize(_f32(t)))
-  cost = 1.0 - cos_ot
-  plan = matchers.sinkhorn(cost, row, col, eps=eps, n_iter=n_iter)
-  per_pair = 2.0 - 2.0 * cos_ot if byol_form else -cos_ot
-  per_image = jnp.sum(plan * per_pair, axis=(1, 2))
-  return jnp.mean(per_image), {"cos_ot": cos_ot, "cost": cost, "plan": plan,
-                               "per_image": per_image}
-
-
-def univip_losses(o: jax.Array, t: jax.Array, p1: jax.Array, p2: jax.Array, z1: jax.Array,
-                  z2: jax.Array, instance: jax.Array, *, eps: float = 0.1, n_iter: int = 50,
-                  floor: float = 1e-8, byol_form: bool = False) -> dict[str, jax.Array]:
-  """UniVIP's three terms and their sum (METHODS.md §2).
-
-  Args:
-    o, t: (N, K, D) online instance outputs (after the predictor) and target projections.
-    p1, p2: (N, D) online scene outputs; z1, z2: (N, D) target scene projections (the caller
-      stops the gradient of t, z1, z2).
-    instance: (N, D) the scene-instance embedding I = Linear(concat_k o_k).
-    eps, n_iter, floor: Sinkhorn regularisation, iterations and the marginals' floor.
-    byol_form: use 2 - 2cos (BYOL's convention) instead of the paper's -cos for every term.
-
-  Returns {"scene", "scene_instance", "instance", "total"} and the instance loss's
-  intermediates ("cos_ot", "cost", "plan", "per_image", "b_raw", "a_raw", "row", "col").
-  """
-  pair = byol_regression if byol_form else negative_cosine
-  marginals = univip_marginals(o, t, (p1 + p2) / 2, (z1 + z2) / 2, floor)
-  instance_loss, ot = ot_instance_loss(o, t, marginals["row"], marginals["col"], eps=eps,
-                                       n_iter=n_iter, byol_form=byol_form)
-  out = {"scene": pair(p1, z2) + pair(p2, z1),
-         "scene_instance": pair(instance, z1) + pair(instance, z2),
-         "instance": instance_loss, **ot, **marginals}
-  out["total"] = out["scene"] + out["scene_instance"] + out["instance"]
-  return out
-
-
 # ---------------------------------------------------------------------------------------------
-# MoCo-v3 / DILEMMA / ConMIM.
+# MoCo-v3 / DILEMMA.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -272,7 +214,7 @@ def moco_v3_contrastive(q: jax.Array, k: jax.Array, temperature: float) -> jax.A
   `k` is the whole global batch of keys in the same order as `q` (under jit the batch is one
   global array, so this is the all-gathered form with labels offset by rank·N).
   """
-  logits = base.l2_normalize(_f32(q)) @ base.l2_normalize(_f32(k)).T / temperature
+  logits = l2_normalize(at_least_f32(q)) @ l2_normalize(at_least_f32(k)).T / temperature
   labels = jnp.arange(logits.shape[0], dtype=jnp.int32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   return jnp.mean(ce) * (2.0 * temperature)
@@ -280,28 +222,5 @@ def moco_v3_contrastive(q: jax.Array, k: jax.Array, temperature: float) -> jax.A
 
 def bce_with_logits_mean(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Mean binary cross-entropy with logits over all entries (torch's BCEWithLogitsLoss)."""
-  logits = _f32(logits)
+  logits = at_least_f32(logits)
   return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype)))
-
-
-def patch_info_nce(s: jax.Array, t: jax.Array, mask: jax.Array, temperature: float
-                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """ConMIM's intra-image patch InfoNCE (METHODS.md §4).
-
-  Args:
-    s: (N, L, D) student token projections (masked image), raw.
-    t: (N, L, D) teacher token projections (unmasked image), raw; the caller stops gradients.
-    mask: (N, L) bool, True where the student's patch was masked.
-    temperature: τ (0.1).
-
-  For every masked position i, CE over the L teacher tokens of the same image with the positive
-  at i. The loss is the pooled mean over all masked positions of the batch (not the mean of
-  per-image means). Returns (loss, {"logits" (N, L, L) scaled, "ce" (N, L) at every position}).
-  """
-  logits = jnp.einsum("nid,njd->nij", base.l2_normalize(_f32(s)), base.l2_normalize(_f32(t)))
-  logits = logits / temperature
-  labels = jnp.broadcast_to(jnp.arange(logits.shape[1], dtype=jnp.int32), logits.shape[:2])
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  weights = mask.astype(ce.dtype)
-  loss = jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-  return loss, {"logits": logits, "ce": ce}

@@ -1,18 +1,19 @@
 """The trainer: `run(config, workdir)` trains any registered method, resumably, on a device mesh.
 
-Stages follow big_vision: checks, logging, mesh, input, method and optimiser, state (initialised
-directly with replicated shardings), checkpoint restore, the compiled step, the loop. Methods plug
-in through `dense_ssl.methods` and never see the optimiser, the mesh or the data pipeline.
+Stages follow big_vision: checks, logging, mesh, input, then `build` (durations, method,
+optimiser, initial state, the compiled step; shared with the benchmarks and the tests),
+checkpoint restore, the loop. Methods plug in through `dense_ssl.methods` (see its `base.py`
+for the contract) and never see the optimiser, the mesh or the data pipeline: adding one is a
+file in `methods/`, a config and a test, and no edit here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import importlib.util
-import math
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,16 +21,14 @@ import numpy as np
 import optax
 from absl import logging
 
-from dense_ssl import checkpoint, ema, models, optim, sharding, xla_cpu
+from dense_ssl import checkpoint, ema, optim, sharding, xla_cpu
 from dense_ssl import methods as methods_lib
-from dense_ssl.data import augment
+from dense_ssl.data import augment, spec
 from dense_ssl.state import TrainState
 
 # Exit code after a preemption save (EX_TEMPFAIL): launchers requeue on it.
 PREEMPTED_EXIT_CODE = 75
 NAN_POLICIES = ("stop", "skip_step")
-BN_MODES = ("shuffle", "sync", "none")
-MODEL_STRIDE = 32
 MAX_IN_FLIGHT = 2
 
 
@@ -50,21 +49,9 @@ class Preempted(SystemExit):
 # ----------------------------------------------------------------------------------------------
 def check_config(config: Any, num_devices: int, num_processes: int = 1) -> None:
   """Raises ValueError naming the offending value and the valid choices."""
-  if config.method.name not in methods_lib.names():
-    raise ValueError(f"Unknown method config.method.name={config.method.name!r}; valid choices: "
-                     f"{', '.join(methods_lib.names())}.")
-  if config.model.name not in models.names():
-    raise ValueError(f"Unknown backbone config.model.name={config.model.name!r}; valid choices: "
-                     f"{', '.join(models.names())}.")
-  families = methods_lib.base.backbone_families(config.method.name)
-  if models.family(config.model.name) not in families:
-    valid = [n for n in models.names() if models.family(n) in families]
-    raise ValueError(f"config.model.name={config.model.name!r} cannot be used by method "
-                     f"{config.method.name!r}; valid choices: {', '.join(valid)}.")
+  method_cls = methods_lib.base.method_class(config)
   for key, value, valid in (("optim.name", config.optim.name, optim.OPTIMIZERS),
-                            ("optim.schedule", config.optim.schedule, optim.SCHEDULES),
-                            ("method.momentum_schedule",
-                             config.method.get("momentum_schedule", "constant"), ema.SCHEDULES)):
+                            ("optim.schedule", config.optim.schedule, optim.SCHEDULES)):
     if value not in valid:
       raise ValueError(f"Unknown config.{key}={value!r}; valid choices: {', '.join(valid)}.")
   if config.nan_policy not in NAN_POLICIES:
@@ -76,66 +63,43 @@ def check_config(config: Any, num_devices: int, num_processes: int = 1) -> None:
                      f"({num_devices}).")
   if b % num_processes:
     raise ValueError(f"config.batch_size={b} is not divisible by the {num_processes} processes.")
-  size = config.data.image_size
-  if size <= 0 or size % MODEL_STRIDE:
-    raise ValueError(f"config.data.image_size={size} must be a positive multiple of "
-                     f"{MODEL_STRIDE} (the backbone's output stride), e.g. "
-                     f"{max(MODEL_STRIDE, size // MODEL_STRIDE * MODEL_STRIDE)}.")
-  m = config.method
-  if "queue_size" in m and (m.queue_size <= 0 or m.queue_size % b):
-    raise ValueError(f"config.method.queue_size={m.queue_size} must be a positive multiple of "
-                     f"config.batch_size={b} (whole batches are enqueued).")
-  if "bn" in m:
-    if m.bn not in BN_MODES:
-      raise ValueError(f"config.method.bn={m.bn!r}; valid choices: {', '.join(BN_MODES)}.")
-    if m.bn != "sync" and (b % m.bn_groups or m.bn_groups % num_devices):
-      raise ValueError(f"config.method.bn_groups={m.bn_groups} must divide config.batch_size={b} "
-                       f"and be a multiple of the device count ({num_devices}); or set "
-                       f"config.method.bn='sync'.")
-  if (config.total_epochs > 0) == (config.total_steps > 0):
-    raise ValueError(f"Set exactly one of config.total_epochs ({config.total_epochs}) and "
-                     f"config.total_steps ({config.total_steps}) to a positive value.")
+  optim.durations(config, num_examples=b)  # exactly one duration
+  method_cls.check_config(config, num_devices)
+  method_cls(config).check_views()
   create_evaluators(config)  # Builds nothing heavy (data loads on first use); checks the keys.
-
-
-def resolve_steps(config: Any, num_examples: int) -> tuple[int, int, int]:
-  """(total_steps, steps_per_epoch, warmup_steps) from the config's durations."""
-  steps_per_epoch = max(num_examples // config.batch_size, 1)
-  total = config.total_steps or int(math.ceil(config.total_epochs * steps_per_epoch))
-  warmup = int(round(config.optim.warmup_epochs * steps_per_epoch))
-  return total, steps_per_epoch, warmup
 
 
 # ----------------------------------------------------------------------------------------------
 # The step: a pure function of (state, batch), compiled with explicit shardings.
 # ----------------------------------------------------------------------------------------------
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, method: Any, config: Any,
-               lr_fn: optax.Schedule, momentum_fn: Any) -> tuple[TrainState, dict[str, Any]]:
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, method: Any,
+               views: tuple[Any, ...], aug_cfg: Any,
+               lr_fn: optax.Schedule) -> tuple[TrainState, dict[str, Any]]:
   """One optimisation step: colour augmentation, EMA of the target, loss, update, NaN guard."""
   rng = jax.random.fold_in(state.rng, state.step)
   aug_rng, loss_rng = jax.random.split(rng)
-  batch = augment.augment_batch(aug_rng, batch, config.augment)
+  batch = augment.augment_views(aug_rng, batch, views, aug_cfg)
 
-  # The momentum update comes before the key forward (DenseCL/MoCo order).
-  momentum = momentum_fn(state.step)
+  # The momentum update comes before the target forward (DenseCL/MoCo order).
+  momentum = method.momentum(state.step)
   target = ema.update(state.target_params, state.params, momentum)
-  state_in = state.replace(target_params=target)
+  inputs = methods_lib.MethodState(step=state.step, target_params=target,
+                                   batch_stats=state.batch_stats, extra=state.extra)
 
   grad_fn = jax.value_and_grad(method.loss, has_aux=True)
-  (loss, (updates, metrics)), grads = grad_fn(state.params, state_in, batch, loss_rng)
+  (loss, out), grads = grad_fn(state.params, inputs, batch, loss_rng)
   opt_updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, opt_updates)
 
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = state.replace(step=state.step + 1, params=params, target_params=target,
-                            batch_stats=updates["batch_stats"], opt_state=opt_state,
-                            extra=updates["extra"])
+                            batch_stats=out.batch_stats, opt_state=opt_state, extra=out.extra)
   # A non-finite step is never applied: the state (and any checkpoint of it) stays good.
   kept = state.replace(step=state.step + 1)
   new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, kept)
 
-  metrics = {f"train/{k}": v for k, v in metrics.items()}
+  metrics = {f"train/{k}": v for k, v in out.metrics.items()}
   metrics.update({"train/loss": loss, "train/lr": lr_fn(state.step),
                   "train/momentum": jnp.asarray(momentum, jnp.float32),
                   "train/grad_norm": grad_norm,
@@ -145,44 +109,92 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, method: Any, c
   return new_state, metrics
 
 
-def example_batch(config: Any, size: int) -> dict[str, jax.Array]:
-  """Zeros with the shapes of an augmented batch, for initialising parameters."""
-  s, g = config.data.image_size, config.data.image_size // MODEL_STRIDE
-  img = jnp.zeros((size, s, s, 3), jnp.float32)
-  grid = jnp.zeros((size, g, g, 2), jnp.float32)
-  mask = jnp.ones((size, g, g), bool)
-  box = jnp.tile(jnp.array([[0.0, 0.0, 1.0, 1.0]]), (size, 1))
-  flip = jnp.zeros((size,), bool)
-  return dict(view1=img, view2=img, coords1=grid, coords2=grid, valid1=mask, valid2=mask,
-              box1=box, box2=box, flip1=flip, flip2=flip)
+@dataclasses.dataclass(frozen=True)
+class Built:
+  """Everything `build` wires together for a config.
+
+  Attributes:
+    method: the method, built with the run's durations.
+    durations: total steps, steps per epoch, warm-up steps.
+    lr_fn: the learning-rate schedule.
+    tx: the optimiser (with the config's hooks).
+    state: the initial state, replicated over the mesh.
+    step: the jitted `train_step(state, batch)`, explicit shardings, donated state.
+    batch_spec: {key: (shape, dtype)} of a global batch of the method's views.
+  """
+  method: Any
+  durations: optim.Durations
+  lr_fn: optax.Schedule
+  tx: optax.GradientTransformation
+  state: TrainState
+  step: Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, Any]]]
+  batch_spec: dict[str, tuple[tuple[int, ...], Any]]
 
 
-def create_state(config: Any, method: Any, tx: optax.GradientTransformation,
-                 mesh: jax.sharding.Mesh) -> TrainState:
-  """Initialises the state on device, replicated over the mesh."""
+def build(config: Any, mesh: jax.sharding.Mesh, num_examples: int,
+          element_spec: dict[str, tuple[tuple[int, ...], Any]] | None = None) -> Built:
+  """The method, optimiser, schedules, initial state and compiled step of `config`.
+
+  Args:
+    config: the run's config.
+    mesh: the device mesh; the state is replicated over it and the batch split on "data".
+    num_examples: images per epoch (fixes the durations).
+    element_spec: {key: (shape, dtype)} of a batch as the input pipeline makes it (its
+      `Batches.element_spec`); by default the method's views' `spec.batch_shapes`. The
+      parameters are initialised on zeros of (at most 8 rows of) this spec.
+  """
+  durations = optim.durations(config, num_examples)
+  method = methods_lib.create(config, durations)
+  batch_spec = spec.batch_shapes(method.views(), config.batch_size)
+  init_batch = spec.example_batch(element_spec or batch_spec, rows=min(config.batch_size, 8))
+
+  lr_fn = optim.learning_rate_fn(config.optim, durations.total_steps, durations.warmup_steps,
+                                 config.batch_size)
   rng = jax.random.key(config.seed)
   init_rng, state_rng = jax.random.split(rng)
-  init_size = min(config.batch_size, 8)
+  abstract = jax.eval_shape(method.init, init_rng, init_batch)
+  tx = optim.create_optimizer(config.optim, lr_fn, abstract["params"], durations)
 
   def init(rng):
-    variables = method.init(rng, example_batch(config, init_size))
-    return TrainState.create(variables=variables, tx=tx, rng=state_rng)
+    return TrainState.create(variables=method.init(rng, init_batch), tx=tx, rng=state_rng)
 
   with jax.set_mesh(mesh):
-    return jax.jit(init, out_shardings=sharding.replicated(mesh))(init_rng)
+    state = jax.jit(init, out_shardings=sharding.replicated(mesh))(init_rng)
+  return Built(method=method, durations=durations, lr_fn=lr_fn, tx=tx, state=state,
+               step=jit_step(method, config, lr_fn, state, mesh), batch_spec=batch_spec)
+
+
+def jit_step(method: Any, config: Any, lr_fn: optax.Schedule, state: TrainState,
+             mesh: jax.sharding.Mesh) -> Callable[..., Any]:
+  """`train_step` of `method` jitted with the state's shardings, the batch split over "data",
+  replicated metrics and the state donated."""
+  step_fn = functools.partial(train_step, method=method, views=method.views(),
+                              aug_cfg=config.augment, lr_fn=lr_fn)
+  state_sharding = jax.tree.map(lambda x: x.sharding, state)
+  return jax.jit(step_fn, in_shardings=(state_sharding, sharding.batch_sharded(mesh)),
+                 out_shardings=(state_sharding, sharding.replicated(mesh)),
+                 donate_argnums=(0,), compiler_options=xla_cpu.compiler_options())
 
 
 # ----------------------------------------------------------------------------------------------
 # Host-side helpers of the loop.
 # ----------------------------------------------------------------------------------------------
 class _PreemptionFlag:
-  """Turns SIGTERM (Cloud TPU, SLURM, Kubernetes) into a flag the loop checks every step."""
+  """SIGTERM (Cloud TPU, SLURM, Kubernetes) as a flag the loop reads every step, for free.
+
+  One process: our own SIGTERM handler sets it. Several: JAX's preemption sync manager (which
+  `jax.distributed.initialize` starts and which handles SIGTERM itself) tells every process
+  the same step to stop at, with no collective in the loop; see `should_stop`.
+  """
 
   def __init__(self):
-    self.received_at: float | None = None  # time.monotonic() of the signal
+    self.received_at: float | None = None  # time.monotonic() of the signal (one process)
     self._old = None
+    self._multi = jax.process_count() > 1
 
   def __enter__(self):
+    if self._multi:
+      return self
     try:
       self._old = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. a notebook worker): no handler
@@ -193,19 +205,16 @@ class _PreemptionFlag:
     del signum, frame
     self.received_at = time.monotonic()
 
-  @property
-  def raised(self) -> bool:
-    return self.received_at is not None
-
   def __exit__(self, *exc):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
 
-  def any_process(self) -> bool:
-    if jax.process_count() == 1:
-      return self.raised
+  def should_stop(self, step: int) -> bool:
+    """Whether to save and stop after `step` (every process gets the same answer)."""
+    if not self._multi:
+      return self.received_at is not None
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return bool(np.any(multihost_utils.process_allgather(np.array(self.raised))))
+    return multihost_utils.reached_preemption_sync_point(step)
 
 
 def _first_nonfinite(history: list[tuple[int, dict[str, Any]]]) -> tuple[int, str, float] | None:
@@ -234,7 +243,6 @@ def run(config: Any, workdir: str) -> TrainState:
 
   # --- Checks and logging ------------------------------------------------------------------
   check_config(config, jax.device_count(), jax.process_count())
-  evaluators = create_evaluators(config)
   if jax.process_index() == 0:
     checkpoint.save_config(workdir, config)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
@@ -248,36 +256,24 @@ def run(config: Any, workdir: str) -> TrainState:
   manager = checkpoint.create_manager(workdir, keep=config.keep_checkpoints,
                                       every_steps=config.checkpoint_every_steps)
   start_step = manager.latest_step() or 0
+  method_cls = methods_lib.base.method_class(config)
+  probe = method_cls(config)  # views and sampler only; `build` makes the real one
   batches = pipeline.create_iterator(
-      config.data, global_batch_size=config.batch_size,
-      grid=config.data.image_size // MODEL_STRIDE, seed=config.seed, start_step=start_step,
+      config.data, views=probe.views(), sampler=probe.crop_sampler,
+      global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count())
 
-  # --- Durations, method, optimiser ----------------------------------------------------------
-  total_steps, steps_per_epoch, warmup_steps = resolve_steps(config, batches.num_examples)
-  logging.info("%d steps (%d per epoch of %d images).", total_steps, steps_per_epoch,
-               batches.num_examples)
-  method = methods_lib.create(config)
-  lr_fn = optim.learning_rate_fn(config.optim, total_steps, warmup_steps)
-  tx = optim.create_optimizer(config.optim, lr_fn)
-  momentum_fn = functools.partial(
-      ema.momentum_at, total_steps=total_steps, base=config.method.get("momentum", 0.0),
-      schedule=config.method.get("momentum_schedule", "constant"))
-
-  # --- State and checkpoint restore ----------------------------------------------------------
-  state = checkpoint.restore_latest(manager, create_state(config, method, tx, mesh))
+  # --- Method, optimiser, state and the compiled step ---------------------------------------
+  built = build(config, mesh, batches.num_examples, batches.element_spec)
+  method, total_steps = built.method, built.durations.total_steps
+  logging.info("%d steps (%d per epoch of %d images).", total_steps,
+               built.durations.steps_per_epoch, batches.num_examples)
+  evaluators = create_evaluators(config, method)
+  state = checkpoint.restore_latest(manager, built.state)
   if start_step:
     logging.info("Resumed from the checkpoint of step %d in %s.", start_step, workdir)
   writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
                         if isinstance(v, (int, float, str, bool))})
-
-  # --- The compiled step ---------------------------------------------------------------------
-  step_fn = functools.partial(train_step, method=method, config=config, lr_fn=lr_fn,
-                              momentum_fn=momentum_fn)
-  state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  p_step = jax.jit(step_fn, in_shardings=(state_sharding, sharding.batch_sharded(mesh)),
-                   out_shardings=(state_sharding, sharding.replicated(mesh)),
-                   donate_argnums=(0,), compiler_options=xla_cpu.compiler_options())
 
   # --- Loop ----------------------------------------------------------------------------------
   history: list[tuple[int, dict[str, Any]]] = []
@@ -288,7 +284,9 @@ def run(config: Any, workdir: str) -> TrainState:
     for step in range(start_step, total_steps):
       batch = sharding.to_global(next(batches), mesh)
       t0 = time.perf_counter()
-      state, metrics = p_step(state, batch)
+      # Nothing moves between host and device implicitly inside the step's dispatch.
+      with jax.transfer_guard("disallow"):
+        state, metrics = built.step(state, batch)
       pending.append((step, metrics))
       # At most MAX_IN_FLIGHT steps queued on the device: async dispatch would otherwise let the
       # host run many steps ahead, and a SIGTERM would wait for all of them before the save.
@@ -303,7 +301,7 @@ def run(config: Any, workdir: str) -> TrainState:
       done = step + 1
       is_log = done % config.log_every_steps == 0 or done == total_steps
       is_ckpt = done % config.checkpoint_every_steps == 0 or done == total_steps
-      preempted = preempt.any_process()
+      preempted = preempt.should_stop(done)
       if is_log or is_ckpt or preempted or config.nan_policy == "stop" and done == total_steps:
         fetched = [(s, jax.device_get(m)) for s, m in pending]
         pending.clear()
@@ -336,33 +334,35 @@ def run(config: Any, workdir: str) -> TrainState:
       # After the save: an evaluator that fails cannot cost the checkpoint.
       if evaluators and not preempted and (
           done == total_steps or config.eval_every_steps and done % config.eval_every_steps == 0):
-        _run_evals(evaluators, state, done, writer, workdir)
+        _run_evals(evaluators, method, state, done, writer, workdir)
       if preempted:
         manager.wait_until_finished()
         writer.flush()
-        since = time.monotonic() - (preempt.received_at or time.monotonic())
-        logging.warning("SIGTERM: saved the checkpoint of step %d %.1fs after the signal; exiting "
-                        "with code %d so the launcher can requeue.", done, since,
-                        PREEMPTED_EXIT_CODE)
+        since = (f"{time.monotonic() - preempt.received_at:.1f}s after the signal"
+                 if preempt.received_at is not None else "at the agreed step")
+        logging.warning("SIGTERM: saved the checkpoint of step %d %s; exiting with code %d so "
+                        "the launcher can requeue.", done, since, PREEMPTED_EXIT_CODE)
         manager.close()
         raise Preempted(done)
 
   manager.wait_until_finished()
   manager.close()
   writer.flush()
-  if jax.process_index() == 0 and models.family(config.model.name) == "resnet":
-    _export_backbone(config.model.name, state, workdir)
+  if jax.process_index() == 0:
+    _export_backbone(method, state, workdir)
   return state
 
 
-def create_evaluators(config: Any) -> dict[str, Any]:
-  """The evaluators of `config.evals` (built, so a bad entry fails before compiling)."""
+def create_evaluators(config: Any, method: Any = None) -> dict[str, Any]:
+  """The evaluators of `config.evals` for the method's backbone (built, so a bad entry fails
+  before compiling)."""
   evals = config.evals.to_dict() if "evals" in config else {}
   if not evals:
     return {}
   from dense_ssl import evaluate  # pylint: disable=g-import-not-at-top
+  method = method or methods_lib.create(config)
   try:
-    return evaluate.from_config(evals, config.model.name)
+    return evaluate.from_config(evals, method.backbone)
   except ValueError as e:
     raise ValueError(f"config.evals: {e}") from None
 
@@ -372,35 +372,32 @@ def _local_copy(tree: Any) -> Any:
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
-def _run_evals(evaluators: dict[str, Any], state: TrainState, step: int, writer: Any,
-               workdir: str) -> None:
+def _online_backbone(method: Any, state: TrainState) -> dict[str, Any]:
+  return method.backbone_variables(_local_copy(state.params), _local_copy(state.batch_stats))
+
+
+def _run_evals(evaluators: dict[str, Any], method: Any, state: TrainState, step: int,
+               writer: Any, workdir: str) -> None:
   """Runs the evaluators on the online backbone in process 0; logs and writes eval_<step>.json."""
   if jax.process_index() != 0:
     return
   from dense_ssl.evaluate import runner  # pylint: disable=g-import-not-at-top
-  variables = {"params": _local_copy(state.params), "batch_stats": _local_copy(state.batch_stats)}
-  results = runner.run_timed(evaluators, variables)
+  results = runner.run_timed(evaluators, _online_backbone(method, state))
   writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
   path = runner.write_results(workdir, step, results)
   logging.info("Evaluation at step %d (%s):\n%s", step, path, runner.format_table(results))
 
 
-def _export_backbone(model_name: str, state: TrainState, workdir: str) -> None:
-  """Writes the final backbone for detectron2 (.pkl) and, when torch is installed, torchvision.
+def _export_backbone(method: Any, state: TrainState, workdir: str) -> None:
+  """Writes the final backbone in every format of its family that this machine can write.
 
   Reads the replicated state from this process's own device copy, so no other process (and no
   checkpoint read, which would need every process) is involved.
   """
   from dense_ssl import export  # pylint: disable=g-import-not-at-top
-  params = _local_copy(state.params["backbone"])
-  stats = _local_copy(state.batch_stats.get("online", {}).get("backbone", {}))
-  formats = ["detectron2"]
-  if importlib.util.find_spec("torch") is not None:
-    formats.append("torchvision")
-  else:
-    logging.info("torch is not installed: skipping the torchvision .pth export.")
-  for fmt in formats:
-    path = export.export(model_name, params, stats, fmt, export.default_output(workdir, fmt))
+  variables = _online_backbone(method, state)
+  for fmt in export.available_formats(method.backbone):
+    path = export.export(method.backbone, variables, fmt, export.default_output(workdir, fmt))
     logging.info("Exported the backbone for %s: %s", fmt, path)
 
 

@@ -72,20 +72,20 @@ def draw_pair(ax: Any, view1: np.ndarray, view2: np.ndarray, matches: dict[str, 
   ax.set_axis_off()
 
 
-def match_figure(model_name: str, variables: Any, pairs: dict[str, np.ndarray], *,
+def match_figure(backbone: Any, variables: Any, pairs: dict[str, np.ndarray], *,
                  matchers: Sequence[str] = ("argmax",)) -> plt.Figure:
   """Figure of learned vs geometric matches for every pair in `pairs` (one row each).
 
   Args:
-    model_name: backbone name.
-    variables: anything `dense_ssl.evaluate.features.backbone_variables` accepts.
-    pairs: `correspondence.make_pairs` output (view1/2, coords1/2, box2, valid1, ...).
+    backbone: the method's `models.Backbone`.
+    variables: its {"params", "batch_stats"} (`Method.backbone_variables`).
+    pairs: `correspondence.make_pairs` output (view1/2 and their geometry keys).
     matchers: names in `correspondence.MATCHERS` to draw.
   """
-  matches = correspondence.match_pairs(model_name, variables, pairs, matchers)
+  matches = correspondence.match_pairs(backbone, variables, pairs, matchers)
   overall = correspondence.score(matches, pairs)
-  truth, valid = (np.asarray(a) for a in geometric(pairs["coords1"], pairs["coords2"],
-                                                    pairs["box2"], pairs["valid1"]))
+  truth, valid = (np.asarray(a) for a in geometric(pairs["view1_coords"], pairs["view2_coords"],
+                                                    pairs["view2_box"], pairs["view1_valid"]))
   n = len(pairs["view1"])
   fig, axes = plt.subplots(n, 1, figsize=(6, 4.2 * n + 0.6), squeeze=False)
   for i, ax in enumerate(axes[:, 0]):
@@ -95,7 +95,7 @@ def match_figure(model_name: str, variables: Any, pairs: dict[str, np.ndarray], 
     draw_pair(ax, pairs["view1"][i], pairs["view2"][i], {m: matches[m][i] for m in matchers},
               truth[i], valid[i], f"pair {i}: {title} (chance {acc['chance_acc']:.0%})")
   summary = ", ".join(f"{m} {overall[f'{m}_acc']:.1%}" for m in matchers)
-  fig.suptitle(f"{model_name}, {n} pairs: {summary} within one cell\n"
+  fig.suptitle(f"{backbone.name}, {n} pairs: {summary} within one cell\n"
                f"(chance {overall['chance_acc']:.1%}); green = geometric truth", fontsize=10)
   axes[0, 0].legend(loc="upper right", fontsize=7)
   fig.tight_layout()
@@ -119,11 +119,11 @@ def run(workdir: str, step: int | None = None, output: str | None = None, *,
   """Draws the matches of a run's checkpoint (Hough too for HoughCL); returns the PNG path."""
   from dense_ssl import checkpoint  # pylint: disable=g-import-not-at-top  (orbax)
   config = checkpoint.load_config_dict(workdir)
-  step, tree = checkpoint.load_raw(workdir, step)
+  step, backbone, variables = checkpoint.load_backbone(workdir, step)
   matchers = ("argmax", "hough") if config["method"]["name"] == "houghcl" else ("argmax",)
   pairs = correspondence.make_pairs(demo_or_scene_images(images, num_pairs, seed), seed=seed,
-                                    image_size=image_size)
-  fig = match_figure(config["model"]["name"], tree, pairs, matchers=matchers)
+                                    image_size=image_size, stride=backbone.stride)
+  fig = match_figure(backbone, variables, pairs, matchers=matchers)
   output = output or os.path.join(workdir, f"matches_{step}.png")
   fig.savefig(output, dpi=120)
   plt.close(fig)
@@ -139,7 +139,7 @@ def _define_flags() -> None:
   flags.DEFINE_enum("images", "scenes", ["scenes", "demo"], "Held-out fmnist scenes or the "
                     "embedded demo photos.")
   flags.DEFINE_integer("num_pairs", 4, "Pairs (rows) to draw.")
-  flags.DEFINE_integer("image_size", 128, "View side in pixels (grid = size / 32).")
+  flags.DEFINE_integer("image_size", 128, "View side in pixels (grid = size / stride).")
   flags.DEFINE_integer("seed", 0, "Which images and crops.")
 
 

@@ -12,29 +12,33 @@ import pytest
 from scipy import ndimage
 import skimage.data
 
-from dense_ssl.data import augment
+from dense_ssl.data import augment, spec
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
+MOCO_V2 = dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_prob=0.8,
+               grey_prob=0.2, blur_prob=0.5, blur_sigma=(0.1, 2.0), solarize_prob=0.0)
+OFF = dict(jitter_prob=0.0, grey_prob=0.0, blur_prob=0.0, solarize_prob=0.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class AugCfg:
-  """Stands in for config.augment (augment only reads attributes)."""
-  brightness: float = 0.4
-  contrast: float = 0.4
-  saturation: float = 0.4
-  hue: float = 0.1
-  jitter_prob: tuple[float, float] = (0.8, 0.8)
-  grey_prob: tuple[float, float] = (0.2, 0.2)
-  blur_prob: tuple[float, float] = (0.5, 0.5)
-  blur_sigma: tuple[float, float] = (0.1, 2.0)
-  solarize_prob: tuple[float, float] = (0.0, 0.0)
+  """Stands in for config.augment: presets "first" and "second" (augment reads attributes)."""
+  presets: dict
   mean: tuple[float, ...] = MEAN
   std: tuple[float, ...] = STD
 
 
-NOTHING = AugCfg(jitter_prob=(0, 0), grey_prob=(0, 0), blur_prob=(0, 0), solarize_prob=(0, 0))
+def _cfg(first=None, second=None, **both):
+  """MoCo-v2's preset for both views, with overrides for both and for each."""
+  return AugCfg(presets={"first": {**MOCO_V2, **both, **(first or {})},
+                         "second": {**MOCO_V2, **both, **(second or {})}})
+
+
+NOTHING = _cfg(**OFF)
+VIEWS = (spec.ViewSpec("view1", 64, preset="first"), spec.ViewSpec("view2", 64, preset="second"))
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +50,11 @@ def photos() -> np.ndarray:
 
 
 def _batch(photos):
-  return {"view1": photos, "view2": photos[::-1].copy(), "coords1": np.zeros((4, 2, 2, 2))}
+  return {"view1": photos, "view2": photos[::-1].copy(), "view1_coords": np.zeros((4, 2, 2, 2))}
 
 
 def _augment(cfg, photos, key=0, dtype=jnp.float32):
-  fn = jax.jit(lambda rng, batch: augment.augment_batch(rng, batch, cfg, dtype))
+  fn = jax.jit(lambda rng, batch: augment.augment_views(rng, batch, VIEWS, cfg, dtype))
   return jax.tree.map(np.asarray, fn(jax.random.key(key), _batch(photos)))
 
 
@@ -61,12 +65,12 @@ def _unit(images):
 
 def test_per_view_presets_identity_and_grey_then_solarize(photos):
   # view1: every probability 0, so only normalisation; view2: grey, then solarize, always.
-  cfg = dataclasses.replace(NOTHING, grey_prob=(0.0, 1.0), solarize_prob=(0.0, 1.0))
+  cfg = _cfg(second=dict(grey_prob=1.0, solarize_prob=1.0), **OFF)
   out = _augment(cfg, photos)
   expected = jax.jit(lambda x: augment.normalize(x, cfg))(photos)
   np.testing.assert_allclose(out["view1"], expected, atol=1e-6)
   np.testing.assert_allclose(_unit(out["view1"]), photos / 255.0, atol=1e-6)
-  np.testing.assert_array_equal(out["coords1"], 0)  # other keys pass through
+  np.testing.assert_array_equal(out["view1_coords"], 0)  # other keys pass through
 
   grey = _unit(out["view2"])
   # ITU-R 601 luma, replicated to all channels, then pixels >= 0.5 inverted.
@@ -138,9 +142,9 @@ def test_hsv_conversion_matches_colorsys():
 
 
 def test_brightness_jitter_scales_each_example_by_one_factor(photos):
-  preset = augment.view_preset(
-      AugCfg(contrast=0.0, saturation=0.0, hue=0.0, jitter_prob=(1, 1), grey_prob=(0, 0),
-             blur_prob=(0, 0)), 0)
+  preset = augment.preset_from_config(
+      _cfg(contrast=0.0, saturation=0.0, hue=0.0, jitter_prob=1.0, grey_prob=0.0,
+           blur_prob=0.0).presets, "first")
   uniforms = jax.random.uniform(jax.random.key(3), (4, 8))
   x = jnp.asarray(photos / 255.0, jnp.float32)
   out = np.asarray(jax.jit(jax.vmap(augment.color_jitter, (0, 0, None)), static_argnums=2)(
@@ -161,7 +165,7 @@ def test_colour_jitter_applies_the_four_adjustments_in_each_examples_order(photo
   240 draws on real photos cover every one of the 24 orders several times; the reference
   applies the public adjust_* functions in each example's own order with its own factors.
   """
-  preset = augment.view_preset(AugCfg(), 0)
+  preset = augment.preset_from_config(_cfg().presets, "first")
   count = 240
   uniforms = np.asarray(jax.random.uniform(jax.random.key(7), (count, 8)))
   images = np.asarray(np.repeat(photos, count // len(photos), axis=0) / 255.0, np.float32)
@@ -184,9 +188,10 @@ def test_colour_jitter_applies_the_four_adjustments_in_each_examples_order(photo
 
 
 def test_moco_v2_recipe_is_random_per_example_and_deterministic_per_key(photos):
-  cfg = AugCfg()
+  cfg = _cfg()
   same = np.repeat(photos[:1, ::4, ::4], 64, axis=0)  # 64 copies of one 16 x 16 photo
-  fn = jax.jit(lambda rng, batch: augment.augment_batch(rng, batch, cfg, jnp.bfloat16))
+  views = tuple(dataclasses.replace(v, size=16) for v in VIEWS)
+  fn = jax.jit(lambda rng, batch: augment.augment_views(rng, batch, views, cfg, jnp.bfloat16))
   batch = {"view1": same, "view2": same}
   a = fn(jax.random.key(0), batch)
   b = fn(jax.random.key(0), batch)
@@ -215,7 +220,27 @@ def test_moco_v2_recipe_is_random_per_example_and_deterministic_per_key(photos):
   assert 3 <= grey.sum() <= 26
 
 
-def test_preset_pairs_are_checked():
-  with pytest.raises(ValueError, match="grey_prob must be a .view1, view2. pair"):
-    augment.view_preset(AugCfg(grey_prob=(0.2,)), 0)
+def test_presets_are_checked():
+  incomplete = {k: v for k, v in MOCO_V2.items() if k != "grey_prob"}
+  with pytest.raises(ValueError, match=r"missing keys \['grey_prob'\]"):
+    augment.preset_from_config({"p": incomplete}, "p")
+  with pytest.raises(ValueError, match="Unknown augmentation preset 'q'.*defines p"):
+    augment.preset_from_config({"p": MOCO_V2}, "q")
+
+
+def test_views_of_two_sizes_get_their_own_presets(photos):
+  """Three views, two sizes, three presets: each view is augmented by its own preset only."""
+  cfg = AugCfg(presets={"plain": {**MOCO_V2, **OFF}, "grey": {**MOCO_V2, **OFF, "grey_prob": 1.0},
+                        "solar": {**MOCO_V2, **OFF, "solarize_prob": 1.0}})
+  views = (spec.ViewSpec("a", 64, preset="grey"), spec.ViewSpec("b", 32, preset="plain"),
+           spec.ViewSpec("c", 32, preset="solar"))
+  small = photos[:, ::2, ::2].copy()
+  batch = {"a": photos, "b": small, "c": small}
+  out = jax.tree.map(np.asarray, jax.jit(lambda r, b: augment.augment_views(r, b, views, cfg))(
+      jax.random.key(0), batch))
+  grey = np.asarray(augment.grayscale(jnp.asarray(photos / 255.0, jnp.float32)))
+  np.testing.assert_allclose(_unit(out["a"]), np.broadcast_to(grey, photos.shape), atol=1e-5)
+  np.testing.assert_allclose(_unit(out["b"]), small / 255.0, atol=1e-6)
+  np.testing.assert_allclose(_unit(out["c"]), np.where(small / 255.0 < 0.5, small / 255.0,
+                                                       1.0 - small / 255.0), atol=1e-5)
 

@@ -1,95 +1,153 @@
-"""Per-group and shuffled BatchNorm (methods/base.apply_grouped) on 1 and 8 devices."""
+"""The method contract (methods/base.py): a method is one file, one config and one test.
+
+This file defines a toy method of its own, one that no dense_ssl module knows: a single encoder
+on three views of two sizes, two of them augmented by the toy's own colour preset, and trains it
+two steps through `python -m dense_ssl.main` on 8 devices. Nothing in train.py names it: the
+config points `method.module` at this file, which registers the method when imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from dense_ssl.methods import base
+from dense_ssl import losses
+from dense_ssl.methods import base, families
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY = "toy_three_views"
 
 
-class _BNNet(nn.Module):
+class ToyEncoder(nn.Module):
+  """Backbone, global pooling, a linear projection."""
+
+  backbone: nn.Module
+  dim: int
 
   @nn.compact
   def __call__(self, x, train=True):
-    x = nn.Dense(4)(x)
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    pooled = jnp.mean(self.backbone(x, train), axis=(1, 2))
+    return nn.Dense(self.dim, name="head")(pooled)
 
 
-def _setup(batch=16):
-  x = jax.random.normal(jax.random.key(0), (batch, 3)) * 3.0 + jnp.arange(batch)[:, None] / 4
-  variables = _BNNet().init(jax.random.key(1), x[:2])
-  return x, variables
+def _colourfulness(images):
+  """Mean |R - G| + |G - B| of normalised images (0 for greyscale views)."""
+  return jnp.mean(jnp.abs(images[..., 0] - images[..., 1]) + jnp.abs(images[..., 1] -
+                                                                    images[..., 2]))
 
 
-def _mesh(n):
-  return Mesh(np.array(jax.devices()[:n]), ("data",), axis_types=(AxisType.Auto,))
+class ToyThreeViews(families.SingleEncoder):
+  """InfoNCE between one 64 px view and two 32 px views of each image (SimCLR-like)."""
+
+  def __init__(self, config, durations=None):
+    super().__init__(config, durations)
+    self.encoder = ToyEncoder(backbone=self.backbone.module, dim=int(config.method.dim))
+
+  def views(self):
+    small = dict(size=32, scale=(0.1, 0.5), preset="toy_grey")
+    return (base.ViewSpec("big", 64, preset="mocov2"), base.ViewSpec("small1", **small),
+            base.ViewSpec("small2", **small))
+
+  def loss(self, params, state, batch, rng):
+    del rng
+    shapes = {k: batch[k].shape[1:] for k in ("big", "small1", "small2")}
+    assert shapes == {"big": (64, 64, 3), "small1": (32, 32, 3), "small2": (32, 32, 3)}, shapes
+    z, stats = self.online(params, state, batch["big"])
+    z1, _ = self.online(params, state, batch["small1"])
+    z2, _ = self.online(params, state, batch["small2"])
+    loss = (losses.moco_v3_contrastive(z, z1, 0.2) + losses.moco_v3_contrastive(z, z2, 0.2)) / 2
+    # Denormalisation does not matter for a grey test: R = G = B before and after it only
+    # when the three channels share mean and std, so compare against the big view instead.
+    metrics = {"loss": loss, "big_colour": _colourfulness(batch["big"]),
+               "small_colour": _colourfulness(batch["small1"] * jnp.asarray(
+                   self.config.augment.std) + jnp.asarray(self.config.augment.mean))}
+    return loss, base.StepOutput(batch_stats={"online": stats}, extra={}, metrics=metrics)
 
 
-def _manual_groups(variables, x, groups, perm=None):
-  """Reference: permute, run each group on its own, average stats, un-permute."""
-  xs = x if perm is None else x[perm]
-  outs, means = [], []
-  for xi in np.split(np.asarray(xs), groups):
-    o, upd = _BNNet().apply(variables, xi, mutable=["batch_stats"])
-    outs.append(o)
-    means.append(upd["batch_stats"])
-  out = jnp.concatenate(outs)
-  if perm is not None:
-    out = out[jnp.argsort(perm)]
-  return out, jax.tree.map(lambda *s: jnp.mean(jnp.stack(s), 0), *means)
+# Imported both as this test module and, in the trainer's process, as `tests.test_base`: each
+# process registers the toy once.
+if TOY not in base.names():
+  base.register(TOY)(ToyThreeViews)
+
+CONFIG = textwrap.dedent(f"""
+    import ml_collections
+    from configs import common
+
+    def get_config(arg=None):
+      c = common.base_config()
+      c.method = ml_collections.ConfigDict(dict(name="{TOY}", module="tests.test_base", dim=16,
+                                                bn="sync", bn_groups=1))
+      c.augment.presets.toy_grey = common.preset(grey_prob=1.0, jitter_prob=0.0, blur_prob=0.0)
+      c.model.name = "resnet18"
+      c.data.update(dict(source="demo", image_size=64, demo_num_images=64))
+      c.batch_size = 16
+      c.total_epochs, c.total_steps = 0.0, 2
+      c.log_every_steps = c.checkpoint_every_steps = 1
+      c.lock()
+      return c
+""")
 
 
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_groups_match_reference_without_mesh(shuffle):
-  x, variables = _setup()
-  rng = jax.random.key(7) if shuffle else None
-  out, stats = base.apply_grouped(_BNNet(), variables, x, groups=4, shuffle_rng=rng)
-  perm = jax.random.permutation(rng, x.shape[0]) if shuffle else None
-  ref_out, ref_stats = _manual_groups(variables, x, 4, perm)
-  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats,
-               ref_stats)
+def test_a_method_defined_in_a_test_file_trains_through_main(tmp_path):
+  config = tmp_path / "toy.py"
+  config.write_text(CONFIG)
+  work = tmp_path / "run"
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  out = subprocess.run([sys.executable, "-m", "dense_ssl.main", f"--config={config}",
+                        f"--workdir={work}"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=1200)
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert "over 8 devices" in out.stderr
+  assert sorted(os.listdir(work / "checkpoints")) == ["1", "2"]
+  assert json.loads((work / "config.json").read_text())["method"]["name"] == TOY
+  # The trainer logged the toy's own metrics: the grey preset reached the small views only.
+  logged = dict(re.findall(r"(train/\w+)=([-\d.e+naif]+)", out.stderr.split("] [2] ")[-1]))
+  assert np.isfinite(float(logged["train/loss"]))
+  assert float(logged["train/small_colour"]) < 1e-4 < float(logged["train/big_colour"])
+  # And the run's backbone exports like any ResNet method's.
+  assert "backbone_detectron2.pkl" in os.listdir(work / "export")
 
 
-def test_one_and_eight_devices_agree_with_shuffle():
-  x, variables = _setup()
-  rng = jax.random.key(3)
-  results = []
-  for n in (1, 8):
-    mesh = _mesh(n)
-    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
-    vs = jax.device_put(variables, NamedSharding(mesh, P()))
-    f = jax.jit(lambda v, xx: base.apply_grouped(_BNNet(), v, xx, groups=8, shuffle_rng=rng))
-    with jax.set_mesh(mesh):
-      results.append(jax.device_get(f(vs, xs)))
-  (o1, s1), (o8, s8) = results
-  np.testing.assert_allclose(o1, o8, rtol=1e-5, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s1, s8)
-  # Per-group statistics differ from whole-batch (sync) statistics: grouping really happened.
-  sync, _ = base.apply_grouped(_BNNet(), variables, x, groups=1)
-  assert np.abs(np.asarray(sync) - o1).max() > 1e-3
+def test_views_are_checked_against_the_backbone_and_the_presets():
+  toy = ToyThreeViews(_toy_config())
+  toy.check_views()  # the toy's own views are fine (its preset is in the config)
+  for views, message in (((base.ViewSpec("x", 64, preset="nope"),), "preset 'nope'.*defined: "),
+                         ((base.ViewSpec("x", 48),), "not a multiple of the backbone's stride"),
+                         ((base.ViewSpec("x", 64, grid=4),), "grid 4 must be size // stride")):
+    toy.views = lambda views=views: views
+    with pytest.raises(ValueError, match=message):
+      toy.check_views()
 
 
-def test_bad_group_counts_are_reported():
-  x, variables = _setup(12)
-  with pytest.raises(ValueError, match="not divisible into 5"):
-    base.apply_grouped(_BNNet(), variables, x, groups=5)
-  mesh = _mesh(8)
-  with jax.set_mesh(mesh), pytest.raises(ValueError, match="multiple of 8"):
-    base.apply_grouped(_BNNet(), variables, x[:12], groups=4)
+def _toy_config(image_size=64):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  c = common.base_config()
+  c.method = ml_collections.ConfigDict(dict(name=TOY, module="", dim=8, bn="sync", bn_groups=1))
+  c.augment.presets.toy_grey = common.preset(grey_prob=1.0)
+  c.model.name = "resnet18"
+  c.data.image_size = image_size
+  return c
 
 
-def test_eval_mode_uses_running_statistics():
-  x, variables = _setup()
-  out, stats = base.apply_grouped(_BNNet(), variables, x, groups=4, train=False)
-  ref = _BNNet().apply(variables, x, train=False)
-  np.testing.assert_allclose(out, ref)
-  assert stats is variables["batch_stats"]
+def test_method_state_and_step_output_are_named():
+  assert base.MethodState._fields == ("step", "target_params", "batch_stats", "extra")
+  assert base.StepOutput._fields == ("batch_stats", "extra", "metrics")
 
 
-def test_l2_normalize_matches_torch_convention():
-  v = jnp.array([[3.0, 4.0], [0.0, 0.0]])
-  np.testing.assert_allclose(base.l2_normalize(v), [[0.6, 0.8], [0.0, 0.0]])
+def test_backbone_variables_reads_the_online_backbone():
+  toy = ToyThreeViews(_toy_config())
+  params = {"backbone": {"w": 1}, "head": {"w": 2}}
+  stats = {"online": {"backbone": {"mean": 3}}}
+  assert toy.backbone_variables(params, stats) == {"params": {"w": 1},
+                                                   "batch_stats": {"mean": 3}}
+  assert toy.backbone.family == "resnet" and toy.backbone.stride == 32

@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,12 +31,13 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from dense_ssl import checkpoint, evaluate, models
+from dense_ssl import checkpoint, config_errors, evaluate, models
 from dense_ssl.data import scenes
 from dense_ssl.evaluate import classification, correspondence, dense, features
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "resnet18"
+BACKBONE = models.Backbone(MODEL, models.get_backbone(MODEL))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,7 +47,7 @@ MODEL = "resnet18"
 
 @pytest.fixture(scope="module")
 def random_init():
-  return features.init_variables(MODEL, seed=0)
+  return features.init_variables(BACKBONE, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -117,34 +117,32 @@ def colour_edge(random_init):
 
 def test_features_are_the_backbone_in_eval_mode(random_init):
   images = scenes.make_scenes(5, seed=0, split="probe_test", size=64)["images"]
-  out = features.extract(MODEL, random_init, images, batch_size=2, with_c4=True)
-  assert out["c5"].shape == (5, 2, 2, 512) and out["c4"].shape == (5, 4, 4, 256)
+  out = features.extract(BACKBONE, random_init, images, batch_size=2, with_c4=True)
+  assert out["map"].shape == (5, 2, 2, 512) and out["c4"].shape == (5, 4, 4, 256)
   norm = features.IMAGENET
   x = (images / 255.0 - np.asarray(norm.mean)) / np.asarray(norm.std)
   c5 = models.get_backbone(MODEL).apply(random_init, jnp.asarray(x, jnp.float32), train=False)
-  np.testing.assert_allclose(out["c5"], c5, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out["map"], c5, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(out["pooled"], np.mean(c5, axis=(1, 2)), rtol=1e-4, atol=1e-4)
   # Padding the last batch changes nothing; C5 alone is the same computation.
-  alone = features.extract(MODEL, random_init, images, batch_size=8)
-  np.testing.assert_allclose(alone["c5"], out["c5"], rtol=1e-5, atol=1e-5)
+  alone = features.extract(BACKBONE, random_init, images, batch_size=8)
+  np.testing.assert_allclose(alone["map"], out["map"], rtol=1e-5, atol=1e-5)
   assert "c4" not in alone
 
 
-def test_backbone_variables_accepts_every_form(random_init):
-  plain = features.backbone_variables(random_init)
-  raw = {"params": {"backbone": random_init["params"], "neck": {}},
-         "batch_stats": {"online": {"backbone": random_init["batch_stats"]}, "target": {}}}
-
-  @flax.struct.dataclass
-  class State:
-    params: dict
-    batch_stats: dict
-
-  for form in (raw, State(**raw)):
-    got = features.backbone_variables(form)
-    assert got["params"] is random_init["params"]
-    assert got["batch_stats"] is random_init["batch_stats"]
-  assert plain["params"] is random_init["params"]
+def test_vit_features_are_the_class_token_and_the_patch_grid():
+  vit = models.Backbone("vit_micro8", models.get_backbone("vit_micro8"))
+  variables = features.init_variables(vit, seed=0, image_size=32)
+  images = scenes.make_scenes(3, seed=0, split="probe_test", size=32)["images"]
+  out = features.extract(vit, variables, images, batch_size=2)
+  norm = features.IMAGENET
+  x = (images / 255.0 - np.asarray(norm.mean)) / np.asarray(norm.std)
+  tokens = vit.module.apply(variables, jnp.asarray(x, jnp.float32), train=False)
+  np.testing.assert_allclose(out["pooled"], tokens[:, 0], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out["map"], np.asarray(tokens[:, 1:]).reshape(3, 4, 4, 64),
+                             rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="C4 is a ResNet's stride-16 map"):
+    features.extract(vit, variables, images, with_c4=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,18 +208,18 @@ def test_registry_builds_evaluators_from_duck_typed_configs():
       return dict(self.d)
 
   built = evaluate.from_config(Duck({"lin": {"type": "linear", "num_train": 10},
-                                     "knn": {"k": 5}}), MODEL)
+                                     "knn": {"k": 5}}), BACKBONE)
   assert isinstance(built["lin"], classification.LinearProbe) and built["lin"].num_train == 10
   assert isinstance(built["knn"], classification.KNN) and built["knn"].k == 5
-  assert list(evaluate.from_config(evaluate.DEFAULT_EVALS, MODEL, only=["corr"])) == ["corr"]
+  assert list(evaluate.from_config(evaluate.DEFAULT_EVALS, BACKBONE, only=["corr"])) == ["corr"]
   with pytest.raises(ValueError, match="valid choices: correspondence, dense, knn, linear"):
-    evaluate.from_config({"x": {"type": "segmentation"}}, MODEL)
+    evaluate.from_config({"x": {"type": "segmentation"}}, BACKBONE)
   with pytest.raises(ValueError, match="no parameter.*num_trian.*valid: num_train"):
-    evaluate.from_config({"linear": {"num_trian": 5}}, MODEL)
+    evaluate.from_config({"linear": {"num_trian": 5}}, BACKBONE)
   with pytest.raises(ValueError, match="No evaluator named dense.*configured: knn"):
-    evaluate.from_config({"knn": {}}, MODEL, only=["dense"])
+    evaluate.from_config({"knn": {}}, BACKBONE, only=["dense"])
   with pytest.raises(ValueError, match="Unknown matcher"):
-    evaluate.create("correspondence", MODEL, matchers=["sinkhorn"])
+    evaluate.create("correspondence", BACKBONE, matchers=["sinkhorn"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,8 +229,8 @@ def test_registry_builds_evaluators_from_duck_typed_configs():
 
 def test_linear_and_knn_probes_prefer_the_supervised_backbone(random_init, supervised):
   kw = dict(num_train=200, num_test=150, image_size=64)
-  linear = evaluate.create("linear", MODEL, steps=200, **kw)
-  knn = evaluate.create("knn", MODEL, **kw)
+  linear = evaluate.create("linear", BACKBONE, steps=200, **kw)
+  knn = evaluate.create("knn", BACKBONE, **kw)
   scores = {name: {ref: dict(ev.run(v))["top1"]
                    for ref, v in (("random", random_init), ("supervised", supervised))}
             for name, ev in (("linear", linear), ("knn", knn))}
@@ -242,7 +240,7 @@ def test_linear_and_knn_probes_prefer_the_supervised_backbone(random_init, super
 
 
 def test_dense_probe_prefers_the_supervised_backbone(random_init, supervised):
-  probe = dense.DenseProbe(MODEL, num_train=128, num_test=128, image_size=96, steps=200)
+  probe = dense.DenseProbe(BACKBONE, num_train=128, num_test=128, image_size=96, steps=200)
   random_result = probe.evaluate(random_init)
   result = probe.evaluate(supervised)
   assert result.miou > random_result.miou, (result.miou, random_result.miou)
@@ -255,9 +253,9 @@ def test_dense_probe_prefers_the_supervised_backbone(random_init, supervised):
 
 
 def test_correspondence_prefers_the_colour_edge_backbone(random_init, colour_edge):
-  corr = correspondence.Correspondence(MODEL, num_pairs=64, scene_size=64, image_size=128)
+  corr = correspondence.Correspondence(BACKBONE, num_pairs=64, scene_size=64, image_size=128)
   pairs = corr.pairs()
-  assert pairs["view1"].shape == (64, 128, 128, 3) and pairs["coords1"].shape == (64, 4, 4, 2)
+  assert pairs["view1"].shape == (64, 128, 128, 3) and pairs["view1_coords"].shape == (64, 4, 4, 2)
   rand, edge = dict(corr.run(random_init)), dict(corr.run(colour_edge))
   assert set(edge) == {"argmax_acc", "argmax_acc_exact", "hough_acc", "hough_acc_exact",
                        "chance_acc"}
@@ -278,10 +276,9 @@ def test_command_line_evaluates_a_checkpoint(tmp_path, random_init):
   manager.save(7, args=ocp.args.StandardSave(jax.tree.map(np.asarray, tree)))
   manager.wait_until_finished()
   manager.close()
-  config = {"model": {"name": MODEL}, "method": {"name": "mocov2"},
-            "evals": {"knn": {"type": "knn", "num_train": 60, "num_test": 30,
-                              "image_size": 32}}}
-  (tmp_path / "config.json").write_text(json.dumps(config))
+  config = config_errors.override(config_errors.load_config("configs/mocov2.py:test"), {
+      "evals": {"knn": {"type": "knn", "num_train": 60, "num_test": 30, "image_size": 32}}})
+  checkpoint.save_config(str(tmp_path), config)
   proc = subprocess.run([sys.executable, "-m", "dense_ssl.evaluate", f"--workdir={tmp_path}"],
                         cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -208,7 +208,8 @@ def test_bad_inputs_are_named(tmp_path):
   with pytest.raises(ValueError, match="batch_stats"):
     export.to_torchvision(params, {})
   with pytest.raises(ValueError, match="do not match 'resnet34'"):
-    export.check_backbone("resnet34", params, stats)
+    export.check_backbone(models.Backbone("resnet34", models.get_backbone("resnet34")),
+                          {"params": params, "batch_stats": stats})
   with pytest.raises(ValueError, match=r"\.pth .* \.pkl"):
     export.save({}, str(tmp_path / "x.npz"))
   with pytest.raises(ValueError, match="torchvision, detectron2"):
@@ -229,7 +230,9 @@ def test_cli_exports_a_training_checkpoint(tmp_path):
   _, params, stats1 = trained_like("resnet18")
   stats2 = jax.tree.map(lambda s: s + 1.0, stats1)
   workdir = str(tmp_path / "run")
-  checkpoint.save_config(workdir, ml_collections.ConfigDict({"model": {"name": "resnet18"}}))
+  from dense_ssl import config_errors  # pylint: disable=import-outside-toplevel
+  del ml_collections
+  checkpoint.save_config(workdir, config_errors.load_config("configs/mocov2.py:test"))
   manager = checkpoint.create_manager(workdir, keep=2, every_steps=1)
   for step, stats in ((1, stats1), (2, stats2)):
     checkpoint.save(manager, State(step=jnp.asarray(step), params={"backbone": params},

@@ -6,28 +6,26 @@ each method is initialised and compiled once (module fixtures) and the tests sha
 
 from __future__ import annotations
 
-import types
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
+from benchmarks import common
 from dense_ssl import methods, queues
-from dense_ssl.state import TrainState
 
 BATCH, SIZE, QUEUE, DIM = 8, 96, 16, 8
 GRID = SIZE // 32
 
 
-def _config(name, *, bn="shuffle", bn_groups=2, dense_chunk=0, half_precision=False):
-  model = types.SimpleNamespace(name="resnet18", zero_init_residual=False,
-                                half_precision=half_precision)
-  method = types.SimpleNamespace(name=name, temperature=0.2, queue_size=QUEUE, momentum=0.999,
-                                 dim=DIM, hidden=16, bn=bn, bn_groups=bn_groups, loss_lambda=0.5,
-                                 dense_chunk=dense_chunk)
-  return types.SimpleNamespace(model=model, method=method, batch_size=BATCH, seed=0)
+def _config(name, *, bn="shuffle", bn_groups=2, dense_chunk=0, half_precision=False,
+            model="resnet18"):
+  # The recipe of configs/<name>.py (rebuilt without ml_collections where it is missing, as on
+  # the accelerator machines) at the test's sizes.
+  config = common.bench_config(name, model=model, image_size=SIZE, batch=BATCH,
+                               half_precision=half_precision, queue=QUEUE, bn=bn,
+                               bn_groups=bn_groups, hidden=16, dim=DIM, dense_chunk=dense_chunk)
+  return config
 
 
 def _cell_centres(box, flip):
@@ -46,26 +44,33 @@ def batch():
   flip2 = np.arange(BATCH) % 2 == 1
   coords = lambda boxes, flips: np.stack([_cell_centres(b, f) for b, f in zip(boxes, flips)])
   views = rng.normal(size=(2, BATCH, SIZE, SIZE, 3)).astype(np.float32)
-  arrays = dict(view1=views[0], view2=views[1], coords1=coords(box1, [False] * BATCH),
-                coords2=coords(box2, flip2), valid1=np.ones((BATCH, GRID, GRID), bool),
-                valid2=np.ones((BATCH, GRID, GRID), bool), box1=box1, box2=box2,
-                flip1=np.zeros(BATCH, bool), flip2=flip2)
+  arrays = dict(view1=views[0], view2=views[1],
+                view1_coords=coords(box1, [False] * BATCH), view2_coords=coords(box2, flip2),
+                view1_valid=np.ones((BATCH, GRID, GRID), bool),
+                view2_valid=np.ones((BATCH, GRID, GRID), bool), view1_box=box1, view2_box=box2,
+                view1_flip=np.zeros(BATCH, bool), view2_flip=flip2)
   return {k: jnp.asarray(v, jnp.float32 if v.dtype == np.float64 else v.dtype)
           for k, v in arrays.items()}
 
 
+def _state(variables, target=None):
+  return methods.MethodState(step=jnp.zeros((), jnp.int32),
+                             target_params=variables["target_params"] if target is None
+                             else target,
+                             batch_stats=variables["batch_stats"], extra=variables["extra"])
+
+
 def _step(method, variables, batch):
   """Loss, updates, metrics and the gradients w.r.t. params AND target params."""
-  state = TrainState.create(variables=variables, tx=optax.sgd(0.1), rng=jax.random.key(1))
 
   def loss_fn(params, target):
-    return method.loss(params, state.replace(target_params=target), batch, jax.random.key(2))
+    return method.loss(params, _state(variables, target), batch, jax.random.key(2))
 
   fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
-  (loss, (updates, metrics)), (grads, target_grads) = fn(variables["params"],
-                                                         variables["target_params"])
-  return dict(state=state, loss=loss, updates=updates, metrics=metrics, grads=grads,
-              target_grads=target_grads)
+  (loss, out), (grads, target_grads) = fn(variables["params"], variables["target_params"])
+  updates = {"batch_stats": out.batch_stats, "extra": out.extra}
+  return dict(state=_state(variables), loss=loss, updates=updates, metrics=out.metrics,
+              grads=grads, target_grads=target_grads)
 
 
 def _init_key():
@@ -167,16 +172,17 @@ def test_metrics(run):
 
 def test_chunked_dense_loss_matches_the_materialised_one(hough, batch):
   plain = methods.create(_config("houghcl", dense_chunk=0))
-  loss, (_, metrics) = jax.jit(plain.loss)(hough["variables"]["params"], hough["state"], batch,
-                                           jax.random.key(2))
+  loss, out = jax.jit(plain.loss)(hough["variables"]["params"], hough["state"], batch,
+                                  jax.random.key(2))
+  metrics = out.metrics
   np.testing.assert_allclose(loss, hough["loss"], rtol=1e-5)
   np.testing.assert_allclose(metrics["loss_dense"], hough["metrics"]["loss_dense"], rtol=1e-5)
 
 
 def _forward(config, variables, batch):
   method = methods.create(config)
-  state = TrainState.create(variables=variables, tx=optax.sgd(0.1), rng=jax.random.key(1))
-  return float(jax.jit(method.loss)(variables["params"], state, batch, jax.random.key(2))[0])
+  return float(jax.jit(method.loss)(variables["params"], _state(variables), batch,
+                                    jax.random.key(2))[0])
 
 
 def test_shuffle_bn_changes_the_loss_only_with_several_groups(moco, batch):
@@ -192,11 +198,11 @@ def test_shuffle_bn_changes_the_loss_only_with_several_groups(moco, batch):
 
 
 def test_bad_config_values_are_rejected():
+  config = _config("mocov2", bn="ghost")
   with pytest.raises(ValueError, match="config.method.bn"):
-    methods.create(_config("mocov2", bn="ghost"))
+    methods.base.method_class(config).check_config(config, 1)
   with pytest.raises(ValueError, match="config.model.name"):
-    methods.create(types.SimpleNamespace(**{**vars(_config("mocov2")), "model": types.SimpleNamespace(
-        name="resnet7", zero_init_residual=False, half_precision=False)}))
+    methods.create(_config("mocov2", model="resnet7"))
 
 
 def test_half_precision_runs_the_backbone_in_bfloat16_and_the_heads_in_float32():

@@ -16,9 +16,11 @@ import tensorflow_datasets as tfds
 
 from dense_ssl.data import pipeline
 from dense_ssl.data import sources
+from dense_ssl.data import spec
 
-KEYS = {f"{name}{v}" for name in ("view", "coords", "valid", "box", "flip") for v in "12"}
 IMAGE_SIZE, GRID = 32, 2
+VIEWS = tuple(spec.ViewSpec(name, IMAGE_SIZE, grid=GRID) for name in ("view1", "view2"))
+KEYS = set(spec.batch_shapes(VIEWS, 1))
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
@@ -49,23 +51,23 @@ def concat(parts: list[list[dict]]) -> list[dict]:
 
 def check_layout(batch: dict[str, np.ndarray], rows: int) -> None:
   assert set(batch) == KEYS
-  for v in "12":
-    assert batch["view" + v].shape == (rows, IMAGE_SIZE, IMAGE_SIZE, 3)
-    assert batch["view" + v].dtype == np.uint8
-    assert batch["coords" + v].shape == (rows, GRID, GRID, 2)
-    assert batch["coords" + v].dtype == np.float32
-    assert batch["valid" + v].shape == (rows, GRID, GRID) and batch["valid" + v].all()
-    assert batch["box" + v].shape == (rows, 4) and batch["box" + v].dtype == np.float32
-    assert batch["flip" + v].shape == (rows,) and batch["flip" + v].dtype == bool
+  for v in ("view1", "view2"):
+    assert batch[v].shape == (rows, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert batch[v].dtype == np.uint8
+    assert batch[v + "_coords"].shape == (rows, GRID, GRID, 2)
+    assert batch[v + "_coords"].dtype == np.float32
+    assert batch[v + "_valid"].shape == (rows, GRID, GRID) and batch[v + "_valid"].all()
+    assert batch[v + "_box"].shape == (rows, 4) and batch[v + "_box"].dtype == np.float32
+    assert batch[v + "_flip"].shape == (rows,) and batch[v + "_flip"].dtype == bool
     # The grid is the cell centres of the box, mirrored where the view was flipped.
-    box, flip = batch["box" + v], batch["flip" + v]
+    box, flip = batch[v + "_box"], batch[v + "_flip"]
     centres = (np.arange(GRID) + 0.5) / GRID
     fx = np.where(flip[:, None], 1 - centres, centres)
     ys = box[:, 0, None] + centres * (box[:, 2] - box[:, 0])[:, None]
     xs = box[:, 1, None] + fx * (box[:, 3] - box[:, 1])[:, None]
-    np.testing.assert_allclose(batch["coords" + v][..., 0], np.repeat(ys[:, :, None], GRID, 2),
+    np.testing.assert_allclose(batch[v + "_coords"][..., 0], np.repeat(ys[:, :, None], GRID, 2),
                                atol=1e-6)
-    np.testing.assert_allclose(batch["coords" + v][..., 1], np.repeat(xs[:, None, :], GRID, 1),
+    np.testing.assert_allclose(batch[v + "_coords"][..., 1], np.repeat(xs[:, None, :], GRID, 1),
                                atol=1e-6)
 
 
@@ -74,7 +76,7 @@ def check_layout(batch: dict[str, np.ndarray], rows: int) -> None:
 
 def demo_iterator(**kwargs) -> pipeline.Batches:
   # 12 images, batch 8: batches straddle epoch boundaries.
-  return pipeline.create_iterator(data_config(), global_batch_size=8, grid=GRID, **kwargs)
+  return pipeline.create_iterator(data_config(), global_batch_size=8, views=VIEWS, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +96,8 @@ def test_demo_batches_have_the_shared_layout_and_real_content(demo_run):
   grey = batch["view1"].astype(np.float64).mean(-1)
   correlation = np.corrcoef(grey[:, :, :-1].ravel(), grey[:, :, 1:].ravel())[0, 1]
   assert correlation > 0.6
-  assert batch["flip1"].any() and not batch["flip1"].all()
-  assert len({b.tobytes() for b in batch["box1"]}) == 8
+  assert batch["view1_flip"].any() and not batch["view1_flip"].all()
+  assert len({b.tobytes() for b in batch["view1_box"]}) == 8
 
 
 def test_resume_reproduces_the_uninterrupted_run(demo_run):
@@ -103,9 +105,9 @@ def test_resume_reproduces_the_uninterrupted_run(demo_run):
   resumed = take(demo_iterator(seed=3, start_step=3, process_index=0, process_count=1), 2)
   assert_batches_equal(resumed, fresh[3:5])
   # Steps differ from each other, and the seed matters.
-  assert not np.array_equal(fresh[0]["box1"], fresh[1]["box1"])
+  assert not np.array_equal(fresh[0]["view1_box"], fresh[1]["view1_box"])
   other = next(demo_iterator(seed=4, process_index=0, process_count=1))
-  assert not np.array_equal(other["box1"], fresh[0]["box1"])
+  assert not np.array_equal(other["view1_box"], fresh[0]["view1_box"])
 
 
 def test_process_slices_concatenate_to_the_global_batch(demo_run):
@@ -126,13 +128,25 @@ def test_each_epoch_is_its_own_permutation():
   assert not np.array_equal(indices[1], indices[2])
 
 
+def test_views_of_several_sizes_come_as_the_method_declares_them():
+  """Multi-crop: 2 views at 32 px with grids and a mask, 2 at 16 px; element_spec = spec."""
+  views = (spec.ViewSpec("g1", 32, grid=2, mask=spec.MaskSpec(0.5)), spec.ViewSpec("g2", 32),
+           spec.ViewSpec("l1", 16, scale=(0.05, 0.4)), spec.ViewSpec("l2", 16))
+  it = pipeline.create_iterator(data_config(), global_batch_size=4, views=views, seed=3)
+  batch = next(it)
+  expected = spec.batch_shapes(views, 4)
+  assert it.element_spec == expected
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+  assert (batch["g1_mask"].sum(axis=(1, 2)) == 2).all()
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(global_batch_size=10, process_count=3, process_index=0), "multiple of"),
     (dict(global_batch_size=8, process_count=2, process_index=2), "process_index"),
 ])
 def test_bad_arguments_are_refused(kwargs, message):
   with pytest.raises(ValueError, match=message):
-    pipeline.create_iterator(data_config(), grid=GRID, seed=0, **kwargs)
+    pipeline.create_iterator(data_config(), views=VIEWS, seed=0, **kwargs)
 
 
 # ----------------------------------------------------------------------------- folder ---
@@ -165,7 +179,7 @@ def test_folder_with_bad_files_trains_on_and_counts_them(tmp_path, decoder):
   steps, batch_size = 4, 4  # 16 positions: two epochs of 8 files
   it = pipeline.create_iterator(data_config(source="folder", folder=str(tmp_path),
                                             folder_decoder=decoder),
-                                global_batch_size=batch_size, grid=GRID, seed=1,
+                                global_batch_size=batch_size, views=VIEWS, seed=1,
                                 process_index=0, process_count=1)
   for batch in take(it, steps):
     check_layout(batch, batch_size)
@@ -190,7 +204,7 @@ def test_damaged_jpeg_that_looks_complete_names_the_decoder_setting(tmp_path):
   def first_batches(decoder):
     it = pipeline.create_iterator(
         data_config(source="folder", folder=str(tmp_path), folder_decoder=decoder),
-        global_batch_size=2, grid=GRID, seed=0, process_index=0, process_count=1)
+        global_batch_size=2, views=VIEWS, seed=0, process_index=0, process_count=1)
     return take(it, 2), it.skipped_images
 
   with pytest.raises(ValueError, match="config.data.folder_decoder=pil"):
@@ -236,7 +250,7 @@ def tiny_tfds(request, tmp_path_factory):
 
 
 def _tfds_batches(source, steps, *, start_step=0, process_index=0, process_count=1):
-  ds = pipeline.build_dataset(source, data_config(), global_batch_size=4, grid=GRID, seed=5,
+  ds = pipeline.build_dataset(source, data_config(), global_batch_size=4, views=VIEWS, seed=5,
                               start_step=start_step, process_index=process_index,
                               process_count=process_count)
   return take(pipeline.Batches(ds, num_examples=source.num_examples), steps)

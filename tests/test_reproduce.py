@@ -7,7 +7,7 @@ import matplotlib.image
 import numpy as np
 
 from benchmarks import reproduce
-from dense_ssl import evaluate
+from dense_ssl import evaluate, models
 from dense_ssl.data import scenes
 from dense_ssl.evaluate import features
 
@@ -36,11 +36,12 @@ def test_replace_section_keeps_the_rest_of_the_file():
 
 
 def test_evaluate_backbone_and_dense_figure(tmp_path):
+  backbone = models.Backbone("resnet18", models.get_backbone("resnet18"))
   evaluators = evaluate.from_config(
       {"knn": {"num_train": 40, "num_test": 20, "image_size": 32},
-       "dense": {"num_train": 16, "num_test": 6, "image_size": 64, "steps": 10}}, "resnet18")
+       "dense": {"num_train": 16, "num_test": 6, "image_size": 64, "steps": 10}}, backbone)
   results, dense_result = reproduce.evaluate_backbone(evaluators,
-                                                      features.init_variables("resnet18"))
+                                                      features.init_variables(backbone))
   assert set(results) == {"knn/top1", "dense/miou", "dense/pixel_acc"}
   assert results["dense/miou"] == dense_result.miou
   assert dense_result.predictions.shape == (6, 64, 64)

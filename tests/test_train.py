@@ -19,7 +19,6 @@ from jax.sharding import AxisType, Mesh
 
 from dense_ssl import checkpoint, config_errors, sharding, train
 from dense_ssl import methods as methods_lib
-from dense_ssl import optim
 from dense_ssl.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +46,7 @@ def test_train_steps_change_params_and_write_logs(method, tmp_path):
   state = train.run(config, str(tmp_path))
   assert int(state.step) == 2
   tree = _params(str(tmp_path))
-  init = train.create_state(config, methods_lib.create(config), state.tx, sharding.create_mesh())
+  init = train.build(config, sharding.create_mesh(), num_examples=64).state
   changed = [not np.allclose(a, b) for a, b in
              zip(jax.tree.leaves(init.params), jax.tree.leaves(tree["params"]))]
   assert sum(changed) > 0.9 * len(changed)
@@ -58,17 +57,10 @@ def test_train_steps_change_params_and_write_logs(method, tmp_path):
 
 
 def _one_step(config, mesh, batch):
-  method = methods_lib.create(config)
-  total = 10
-  lr_fn = optim.learning_rate_fn(config.optim, total, 0)
-  tx = optim.create_optimizer(config.optim, lr_fn)
-  state = train.create_state(config, method, tx, mesh)
-  init = jax.device_get(state.params)
-  step = jax.jit(lambda s, b: train.train_step(
-      s, b, method=method, config=config, lr_fn=lr_fn,
-      momentum_fn=lambda _: config.method.momentum))
+  built = train.build(config, mesh, num_examples=160)
+  init = jax.device_get(built.state.params)
   with jax.set_mesh(mesh):
-    new_state, metrics = step(state, sharding.to_global(batch, mesh))
+    new_state, metrics = built.step(built.state, sharding.to_global(batch, mesh))
   new_params = jax.device_get(new_state.params)
   update = jax.tree.map(lambda n, o: n - o, new_params, init)
   return update, jax.device_get(new_state.extra), jax.device_get(metrics)
@@ -85,8 +77,9 @@ def test_one_and_eight_devices_give_the_same_step(method):
   permutation or group assignment changes updates by O(1).
   """
   config = _config(method)
-  batch = next(pipeline.create_iterator(config.data, global_batch_size=config.batch_size,
-                                        grid=config.data.image_size // 32, seed=0))
+  views = methods_lib.create(config).views()
+  batch = next(pipeline.create_iterator(config.data, views=views,
+                                        global_batch_size=config.batch_size, seed=0))
   one = Mesh(np.array(jax.devices()[:1]), ("data",), axis_types=(AxisType.Auto,))
   u1, e1, m1 = _one_step(config, one, batch)
   u8, e8, m8 = _one_step(config, sharding.create_mesh(), batch)

@@ -10,7 +10,7 @@ import pytest
 import skimage.data
 import tensorflow as tf
 
-from dense_ssl.data import views
+from dense_ssl.data import spec, views
 
 SCALE = (0.2, 1.0)
 RATIO = (3 / 4, 4 / 3)
@@ -151,47 +151,128 @@ def test_pil_views_match_the_tf_resize(run, size):
     assert error.max() <= 2.0 and error.mean() < 0.5, (seed, error.max(), error.mean())
 
 
+def _spec(size, grid, name, **kw):
+  return spec.ViewSpec(name, size, scale=SCALE, ratio=RATIO, grid=grid, **kw)
+
+
 @RUNNERS
 def test_two_views_of_a_photo_are_consistent(run):
   photo = skimage.data.coffee()
   size, grid = 64, 2
+  specs = (_spec(size, grid, "view1"), _spec(size, grid, "view2"))
 
   def make(image, seed):
-    return views.two_views(image, seed, image_size=size, grid=grid, scale=SCALE, ratio=RATIO)
+    return views.make_views(image, seed, specs)
 
-  keys = sorted(f"{name}{v}" for name in ("view", "coords", "valid", "box", "flip")
-                for v in "12")  # tf.nest flattens dicts in sorted key order
+  keys = sorted(spec.batch_shapes(specs, 1))  # tf.nest flattens dicts in sorted key order
   values = dict(zip(keys, run(make, photo, np.array([7, 1]))))
   assert values["view1"].shape == (size, size, 3) and values["view1"].dtype == np.uint8
-  assert values["coords1"].shape == (grid, grid, 2) and values["valid2"].shape == (grid, grid)
-  assert not np.array_equal(values["box1"], values["box2"])  # independent crops
+  assert values["view1_coords"].shape == (grid, grid, 2)
+  assert values["view2_valid"].shape == (grid, grid)
+  assert not np.array_equal(values["view1_box"], values["view2_box"])  # independent crops
   height, width = photo.shape[:2]
-  for v in ("1", "2"):
+  for v in ("view1", "view2"):
     # The box and flip describe exactly the view that was produced.
-    box = values["box" + v] * np.array([height, width, height, width])
+    box = values[v + "_box"] * np.array([height, width, height, width])
     window = np.round([box[0], box[1], box[2] - box[0], box[3] - box[1]]).astype(np.int32)
-    expected = views.crop_resize_flip_uint8(photo, window, values["flip" + v], size)
-    np.testing.assert_array_equal(values["view" + v], expected)
-    coords, _ = views.correspondence_grid(window, values["flip" + v], photo.shape, grid)
-    np.testing.assert_allclose(values["coords" + v], coords, rtol=1e-6)
+    expected = views.crop_resize_flip_uint8(photo, window, values[v + "_flip"], size)
+    np.testing.assert_array_equal(values[v], expected)
+    coords, _ = views.correspondence_grid(window, values[v + "_flip"], photo.shape, grid)
+    np.testing.assert_allclose(values[v + "_coords"], coords, rtol=1e-6)
 
 
-def test_two_views_are_a_function_of_the_seed():
+def test_independent_views_draw_from_the_split_seed():
+  """View i's crop comes from seed i, its flip from seed n + i, of n = 2·views split seeds."""
   photo = tf.constant(skimage.data.astronaut()[::4, ::4])
-  a = views.two_views(photo, tf.constant([3, 9]), image_size=32, grid=2)
-  b = views.two_views(photo, tf.constant([3, 9]), image_size=32, grid=2)
-  c = views.two_views(photo, tf.constant([4, 9]), image_size=32, grid=2)
+  seed = tf.constant([3, 9], tf.int64)
+  specs = (_spec(32, 2, "view1"), _spec(32, 2, "view2"))
+  out = views.make_views(photo, seed, specs)
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  for i, v in enumerate(specs):
+    window = views.sample_crop_window(seeds[i], tf.shape(photo), SCALE, RATIO)
+    np.testing.assert_allclose(out[v.name + "_box"], views.normalized_box(window, tf.shape(photo)))
+    assert bool(out[v.name + "_flip"]) == bool(views.sample_flip(seeds[2 + i]))
+
+
+def test_views_are_a_function_of_the_seed():
+  photo = tf.constant(skimage.data.astronaut()[::4, ::4])
+  specs = (_spec(32, 2, "view1"), _spec(32, 2, "view2"))
+  a = views.make_views(photo, tf.constant([3, 9]), specs)
+  b = views.make_views(photo, tf.constant([3, 9]), specs)
+  c = views.make_views(photo, tf.constant([4, 9]), specs)
   for key in a:
     np.testing.assert_array_equal(a[key], b[key])
-  assert not np.array_equal(a["box1"], c["box1"])
+  assert not np.array_equal(a["view1_box"], c["view1_box"])
 
 
 def test_no_flip_when_disabled():
   photo = tf.constant(skimage.data.astronaut()[::8, ::8])
 
   def flips(enabled):
-    return [bool(views.two_views(photo, tf.constant([s, 0]), image_size=8, grid=1,
-                                 flip=enabled)["flip1"]) for s in range(8)]
+    specs = (spec.ViewSpec("v", 8, flip=enabled),)
+    return [bool(views.make_views(photo, tf.constant([s, 0]), specs)["v_flip"])
+            for s in range(8)]
 
   assert any(flips(True))
   assert not any(flips(False))
+
+
+@RUNNERS
+def test_multi_crop_shared_crops_and_token_masks(run):
+  """2 global + 3 local views of two sizes, a view sharing another's crop, a blocked mask."""
+  photo = skimage.data.chelsea()
+  mask = spec.MaskSpec(ratio=0.75, block=2)
+  specs = (_spec(64, 4, "g1", mask=mask), _spec(64, 4, "g2"),
+           *(spec.ViewSpec(f"l{i}", 32, scale=(0.05, 0.4)) for i in range(3)),
+           spec.ViewSpec("g1_strong", 64, same_crop_as="g1", grid=4))
+  keys = sorted(spec.batch_shapes(specs, 1))
+  values = dict(zip(keys, run(lambda im, sd: views.make_views(im, sd, specs), photo,
+                              np.array([5, 2]))))
+  for v in specs:
+    assert values[v.name].shape == (v.size, v.size, 3)
+  boxes = {tuple(np.round(values[v.name + "_box"], 6)) for v in specs}
+  assert len(boxes) == 5  # five crops; the strong view shares g1's
+  np.testing.assert_array_equal(values["g1_strong_box"], values["g1_box"])
+  np.testing.assert_array_equal(values["g1_strong"], values["g1"])
+  np.testing.assert_array_equal(values["g1_strong_coords"], values["g1_coords"])
+  local_area = [np.prod(values[f"l{i}_box"][2:] - values[f"l{i}_box"][:2]) for i in range(3)]
+  assert max(local_area) <= 0.4 + 1e-3
+  m = values["g1_mask"]
+  assert m.shape == (4, 4) and m.sum() == 12  # ceil(0.75 * 4) blocks of 2 x 2
+  blocks = m.reshape(2, 2, 2, 2).transpose(0, 2, 1, 3).reshape(4, 4)
+  assert set(blocks.sum(1)) <= {0, 4}  # whole blocks
+
+
+def test_a_registered_sampler_chooses_the_crops_and_adds_keys():
+  photo = tf.constant(skimage.data.astronaut()[::4, ::4])
+
+  def centre(image, seed, own, extras):
+    del seed, extras
+    h, w = image.shape[0], image.shape[1]
+    window = tf.constant([h // 4, w // 4, h // 2, w // 2], tf.int32)
+    return views.Sampled({v.name: window for v in own},
+                         {v.name: tf.constant(False) for v in own},
+                         {"tag": tf.constant([1.0, 2.0])})
+
+  name = "test_centre_crops"
+  if name not in views.SAMPLERS:
+    views.register_sampler(name, lambda specs: {"tag": ((2,), np.float32)})(centre)
+  specs = (spec.ViewSpec("a", 16), spec.ViewSpec("b", 8))
+  out = views.make_views(photo, tf.constant([1, 1]), specs, sampler=name)
+  np.testing.assert_allclose(out["a_box"], [0.25, 0.25, 0.75, 0.75])
+  np.testing.assert_allclose(out["b_box"], out["a_box"])
+  np.testing.assert_allclose(out["tag"], [1.0, 2.0])
+  assert views.sampler_keys(name, specs) == {"tag": ((2,), np.float32)}
+  with pytest.raises(ValueError, match="Unknown crop sampler 'nope'.*independent"):
+    views.make_views(photo, tf.constant([1, 1]), specs, sampler="nope")
+
+
+def test_view_specs_are_checked():
+  with pytest.raises(ValueError, match="unique"):
+    spec.check_views([spec.ViewSpec("a", 8), spec.ViewSpec("a", 8)])
+  with pytest.raises(ValueError, match="token mask but no grid"):
+    spec.check_views([spec.ViewSpec("a", 8, mask=spec.MaskSpec())])
+  with pytest.raises(ValueError, match="same_crop_as='c'"):
+    spec.check_views([spec.ViewSpec("a", 8, same_crop_as="c")])
+  with pytest.raises(ValueError, match="preset 'byol1'.*defined: mocov2"):
+    spec.check_views([spec.ViewSpec("a", 8, preset="byol1")], {"mocov2": {}})

@@ -3,7 +3,7 @@
 import matplotlib.image
 import numpy as np
 
-from dense_ssl import matchers
+from dense_ssl import matchers, models
 from dense_ssl import visualize_matches as vm
 from dense_ssl.data import scenes
 from dense_ssl.evaluate import correspondence, features
@@ -23,12 +23,13 @@ def test_cell_centres_and_segments():
 def test_match_figure_draws_the_matches_and_writes_a_png(tmp_path):
   images = scenes.make_scenes(3, seed=0, split="probe_test", size=96)["images"]
   pairs = correspondence.make_pairs(images, seed=0, image_size=128)
-  variables = features.init_variables(MODEL)
-  fig = vm.match_figure(MODEL, variables, pairs, matchers=("argmax", "hough"))
+  backbone = models.Backbone(MODEL, models.get_backbone(MODEL))
+  variables = features.init_variables(backbone)
+  fig = vm.match_figure(backbone, variables, pairs, matchers=("argmax", "hough"))
 
-  learned = correspondence.match_pairs(MODEL, variables, pairs)
+  learned = correspondence.match_pairs(backbone, variables, pairs)
   truth, valid = (np.asarray(a) for a in matchers.geometric(
-      pairs["coords1"], pairs["coords2"], pairs["box2"], pairs["valid1"]))
+      pairs["view1_coords"], pairs["view2_coords"], pairs["view2_box"], pairs["view1_valid"]))
   axes = [ax for ax in fig.axes if ax.collections]
   assert len(axes) == 3
   for i, ax in enumerate(axes):

@@ -186,3 +186,25 @@ def test_bfloat16_and_errors(micro):
     jax.eval_shape(lambda: plain.init(KEY, jnp.zeros((1, 30, 30, 3))))
   with pytest.raises(ValueError, match="pos_idx has shape"):
     apply(variables, x, jnp.zeros((2, 4), jnp.int32), jnp.zeros((2, 5), jnp.int32), None)
+
+
+def test_position_table_is_interpolated_to_other_crop_sizes():
+  """Multi-crop: a ViT initialised at 32 px runs 16 px crops with its 4x4 table resized to
+  2x2 (bicubic), exactly as a model whose table is that resized one."""
+  from dense_ssl.models import vit  # pylint: disable=g-import-not-at-top
+  model = vit.get("vit_micro8")
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  table = variables["params"]["pos_embed"]
+  assert table.shape == (1, 16, 64)
+  small = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  out = model.apply(variables, small)
+  assert out.shape == (2, 1 + 4, 64)
+  resized = vit.resize_pos_embed(table, (2, 2))
+  assert resized.shape == (1, 4, 64)
+  params = dict(variables["params"], pos_embed=resized)
+  np.testing.assert_allclose(model.apply({"params": params}, small), out, rtol=1e-6, atol=1e-6)
+  # A table on its own grid is returned as it is; a linear ramp stays a ramp in the interior.
+  np.testing.assert_array_equal(vit.resize_pos_embed(table, (4, 4)), table)
+  ramp = jnp.broadcast_to(jnp.arange(8.0)[:, None, None], (8, 8, 1)).reshape(1, 64, 1)
+  half = vit.resize_pos_embed(ramp, (4, 4)).reshape(4, 4)
+  np.testing.assert_allclose(np.diff(half[1:3, 0]), 2.0, rtol=1e-5)

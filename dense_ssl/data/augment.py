@@ -1,8 +1,7 @@
 """Photometric augmentation as pure jnp functions, run on device inside `jit`.
 
 The host pipeline only crops and flips (`views.py`); colour changes happen here, per example,
-with per-view presets as in BYOL/DetCon: `aug_cfg` holds (view1, view2) pairs for the
-probabilities. The ops follow torchvision's MoCo-v2 recipe on images in [0, 1]:
+with a preset per view as in BYOL/DetCon: each `ViewSpec` names one of `config.augment.presets`. The ops follow torchvision's MoCo-v2 recipe on images in [0, 1]:
 
   ColorJitter(brightness, contrast, saturation, hue) with probability jitter_prob, the four
   adjustments in a random order per example; RandomGrayscale(grey_prob) with ITU-R 601 luma;
@@ -11,12 +10,13 @@ probabilities. The ops follow torchvision's MoCo-v2 recipe on images in [0, 1]:
   probability solarize_prob. Then mean/std normalisation.
 
 Every op is computed for every example and selected with `jnp.where`, so nothing branches on
-traced values. `aug_cfg` is any object with the attributes listed in `augment_batch` (e.g.
+traced values. `aug_cfg` is any object with the attributes listed in `augment_views` (e.g.
 `config.augment`); its values must be Python constants (they are static under `jit`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -39,18 +39,25 @@ class ViewPreset(NamedTuple):
   solarize_prob: float
 
 
-def view_preset(aug_cfg: Any, view: int) -> ViewPreset:
-  """The preset of `view` (0 for view1, 1 for view2) from `aug_cfg`'s (view1, view2) pairs."""
-  pairs = {}
-  for name in ("jitter_prob", "grey_prob", "blur_prob", "solarize_prob"):
-    value = tuple(getattr(aug_cfg, name))
-    if len(value) != 2:
-      raise ValueError(f"config.augment.{name} must be a (view1, view2) pair, got {value}.")
-    pairs[name] = float(value[view])
-  return ViewPreset(
-      brightness=float(aug_cfg.brightness), contrast=float(aug_cfg.contrast),
-      saturation=float(aug_cfg.saturation), hue=float(aug_cfg.hue),
-      blur_sigma=tuple(float(s) for s in aug_cfg.blur_sigma), **pairs)
+# A preset that changes nothing (ConMIM's student: crop and flip only).
+PLAIN = ViewPreset(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, jitter_prob=0.0,
+                   grey_prob=0.0, blur_prob=0.0, blur_sigma=(0.1, 2.0), solarize_prob=0.0)
+
+
+def preset_from_config(presets: Any, name: str) -> ViewPreset:
+  """The preset `name` of `config.augment.presets` (a mapping of name -> ViewPreset fields)."""
+  if name not in presets:
+    raise ValueError(f"Unknown augmentation preset {name!r}; config.augment.presets defines "
+                     f"{', '.join(sorted(presets))}.")
+  fields = dict(presets[name])
+  unknown = sorted(set(fields) - set(ViewPreset._fields))
+  missing = sorted(set(ViewPreset._fields) - set(fields))
+  if unknown or missing:
+    raise ValueError(f"config.augment.presets.{name}: unknown keys {unknown}, missing keys "
+                     f"{missing}; a preset sets exactly {', '.join(ViewPreset._fields)}.")
+  fields["blur_sigma"] = tuple(float(x) for x in fields["blur_sigma"])
+  return ViewPreset(**{k: fields[k] if k == "blur_sigma" else float(fields[k])
+                       for k in ViewPreset._fields})
 
 
 def grayscale(image: jax.Array) -> jax.Array:
@@ -226,32 +233,40 @@ def _standardize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, .
   return ((images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)).astype(dtype)
 
 
-def augment_batch(rng: jax.Array, batch: dict[str, Any], aug_cfg: Any,
+def augment_views(rng: jax.Array, batch: dict[str, Any], views: Sequence[Any], aug_cfg: Any,
                   dtype: Any = jnp.float32) -> dict[str, Any]:
-  """Colour-augments and normalises `view1` and `view2` of a batch (inside `jit`).
+  """Colour-augments and normalises every view of a batch by its preset (inside `jit`).
 
   Args:
-    rng: a PRNG key. One (B, 2, 13) uniform draw from it gives each example and view its own
-      random numbers (a single draw compiles much faster than per-example keys).
-    batch: the pipeline's batch; view1/view2 are uint8 (B, H, W, 3).
-    aug_cfg: `config.augment`: brightness, contrast, saturation, hue (floats); jitter_prob,
-      grey_prob, blur_prob, solarize_prob ((view1, view2) pairs); blur_sigma (lo, hi);
-      mean, std (per channel, [0, 1] units).
-    dtype: dtype of the returned views (e.g. bfloat16 for half precision).
+    rng: a PRNG key.
+    batch: the pipeline's batch; each view `v.name` is uint8 (B, H, W, 3).
+    views: the method's `ViewSpec`s (name, size, preset).
+    aug_cfg: `config.augment`: `presets` (name -> ViewPreset fields), `mean`, `std`.
+    dtype: dtype of the returned views.
 
-  Returns:
-    A shallow copy of `batch` with view1/view2 as normalised `dtype` images; other keys as is.
+  Views of one size go through one vmapped program with their presets as per-view data (half
+  the compile time of tracing each view). Per group, one (B, V, 13) uniform draw gives each
+  example and view its own random numbers; the first group draws from `rng` itself and group g
+  from fold_in(rng, g), so a two-view method draws what the two-view trainer drew.
+
+  Returns a shallow copy of `batch` with the views as normalised `dtype` images.
   """
-  first, second = view_preset(aug_cfg, 0), view_preset(aug_cfg, 1)
-  # Both views go through one vmapped program with the presets as per-view data: half the
-  # compile time of tracing each view. Stacking on a new axis 1 keeps the batch axis (the one
-  # sharded over devices) in front.
-  presets = jax.tree.map(lambda a, b: jnp.asarray([a, b], jnp.float32), first, second)
-  images = jnp.stack([batch["view1"], batch["view2"]], axis=1).astype(jnp.float32) / 255.0
-  uniforms = jax.random.uniform(rng, (*images.shape[:2], NUM_UNIFORMS))
-  per_view = jax.vmap(augment_image, in_axes=(0, 0, 0))
-  out = jax.vmap(per_view, in_axes=(0, 0, None))(uniforms, images, presets)
-  # Clipping and stop_gradient: the result is input data, never a function to differentiate.
-  out = jax.lax.stop_gradient(_standardize(jnp.clip(out, 0.0, 1.0), tuple(aug_cfg.mean),
-                                           tuple(aug_cfg.std), dtype))
-  return {**batch, "view1": out[:, 0], "view2": out[:, 1]}
+  groups: dict[int, list[Any]] = {}
+  for v in views:
+    groups.setdefault(int(v.size), []).append(v)
+  out = dict(batch)
+  for g, members in enumerate(groups.values()):
+    presets = [preset_from_config(aug_cfg.presets, v.preset) for v in members]
+    stacked = jax.tree.map(lambda *xs: jnp.asarray(xs, jnp.float32), *presets)
+    # Stacking on a new axis 1 keeps the batch axis (the one sharded over devices) in front.
+    images = jnp.stack([batch[v.name] for v in members], axis=1).astype(jnp.float32) / 255.0
+    key = rng if g == 0 else jax.random.fold_in(rng, g)
+    uniforms = jax.random.uniform(key, (*images.shape[:2], NUM_UNIFORMS))
+    per_view = jax.vmap(augment_image, in_axes=(0, 0, 0))
+    result = jax.vmap(per_view, in_axes=(0, 0, None))(uniforms, images, stacked)
+    # Clipping and stop_gradient: the result is input data, never a function to differentiate.
+    result = jax.lax.stop_gradient(_standardize(jnp.clip(result, 0.0, 1.0), tuple(aug_cfg.mean),
+                                                tuple(aug_cfg.std), dtype))
+    for i, v in enumerate(members):
+      out[v.name] = result[:, i]
+  return out

@@ -6,9 +6,10 @@ Data flow (per process):
       -> image index: epoch e = pos // N, then a seeded permutation of [0, N) for epoch e
          (`tf.random.experimental.index_shuffle`, O(1) per position, nothing materialised)
       -> source.load(index): decode (parallel map, AUTOTUNE, ordered)
-      -> views.two_views(image, seed(pos)): two random resized crops + flips and their
-         correspondence grids (host geometry; colour augmentation happens later, on device,
-         in `augment.py`)
+      -> views.make_views(image, seed(pos), the method's views): random resized crops + flips
+         and their geometry (correspondence grids, boxes, token masks), chosen by the
+         method's crop sampler (host geometry; colour augmentation happens later, on device,
+         in `augment.py`, each view by its preset)
       -> batch(b) -> prefetch -> numpy dicts via `Batches`.
 
 Determinism guarantees:
@@ -36,14 +37,15 @@ Determinism guarantees:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
 from dense_ssl.data import sources as sources_lib
-from dense_ssl.data import views
+from dense_ssl.data import spec
+from dense_ssl.data import views as views_lib
 
 # Per-example count of skipped files; `Batches` removes it from the batch dict.
 _SKIPPED = "_skipped_images"
@@ -67,8 +69,10 @@ def image_index(position: tf.Tensor, num_examples: int, seed: int) -> tf.Tensor:
       tf.constant(num_examples - 1, tf.int64))
 
 
-def build_dataset(source: sources_lib.Source, data_cfg: Any, *, global_batch_size: int,
-                  grid: int, seed: int, start_step: int, process_index: int,
+def build_dataset(source: sources_lib.Source, data_cfg: Any, *,
+                  views: Sequence[spec.ViewSpec], sampler: str = "independent",
+                  global_batch_size: int,
+                  seed: int, start_step: int, process_index: int,
                   process_count: int) -> tf.data.Dataset:
   """The per-process dataset of batches (dict of tensors, plus the skipped-file counts)."""
   local = global_batch_size // process_count
@@ -76,10 +80,7 @@ def build_dataset(source: sources_lib.Source, data_cfg: Any, *, global_batch_siz
 
   def example(position: tf.Tensor, image: tf.Tensor, skipped: tf.Tensor) -> dict[str, Any]:
     view_seed = sources_lib.fold_seed(seed, sources_lib.VIEWS_STREAM, position)
-    out = views.two_views(
-        image, view_seed, image_size=int(data_cfg.image_size), grid=grid,
-        scale=tuple(data_cfg.crop_scale), ratio=tuple(data_cfg.crop_ratio),
-        flip=bool(data_cfg.flip))
+    out = views_lib.make_views(image, view_seed, views, sampler=sampler)
     out[_SKIPPED] = skipped
     return out
 
@@ -124,12 +125,16 @@ class Batches(Iterator[dict[str, np.ndarray]]):
     num_examples: size of one epoch of the source.
     skipped_images: undecodable files passed over so far in the batches returned by this
       process (counted each time one is met, so once per epoch).
+    element_spec: {key: (shape, numpy dtype)} of one of this process's batches (what the
+      trainer initialises the method with).
   """
 
   def __init__(self, dataset: tf.data.Dataset, *, num_examples: int):
     self.dataset = dataset
     self.num_examples = num_examples
     self.skipped_images = 0
+    self.element_spec = {k: (tuple(v.shape), v.dtype.as_numpy_dtype)
+                         for k, v in dataset.element_spec.items() if k != _SKIPPED}
     self._iterator = dataset.as_numpy_iterator()
 
   def __iter__(self) -> Batches:
@@ -150,25 +155,26 @@ class Batches(Iterator[dict[str, np.ndarray]]):
     return batch
 
 
-def create_iterator(data_cfg: Any, *, global_batch_size: int, grid: int, seed: int,
-                    start_step: int = 0, process_index: int | None = None,
+def create_iterator(data_cfg: Any, *, views: Sequence[spec.ViewSpec], global_batch_size: int,
+                    seed: int, sampler: str = "independent", start_step: int = 0,
+                    process_index: int | None = None,
                     process_count: int | None = None) -> Batches:
   """The training batches of this process, starting at `start_step`.
 
   Args:
-    data_cfg: `config.data` (source, data_dir, folder, split, image_size, crop_scale,
-      crop_ratio, flip, shuffle_buffer, demo_num_images, prefetch).
+    data_cfg: `config.data` (source, data_dir, folder, split, shuffle_buffer,
+      demo_num_images, prefetch, ...).
+    views: the method's views (`Method.views()`).
     global_batch_size: examples per step over all processes.
-    grid: S, cells per side of the correspondence grids (image_size // 32 for ResNet C5).
     seed: the data seed; with the config and the step it fixes every batch.
+    sampler: the method's crop sampler (`Method.crop_sampler`).
     start_step: the first step to produce (resume).
     process_index, process_count: this process and the number of processes; default to
       `jax.process_index()` and `jax.process_count()`.
 
   Returns:
-    `Batches`, whose `next()` is a dict with view1/view2 uint8 (b, H, W, 3), coords1/2 float32
-    (b, S, S, 2) (y, x), valid1/2 bool (b, S, S), box1/2 float32 (b, 4), flip1/2 bool (b,),
-    b = global_batch_size // process_count.
+    `Batches`, whose `next()` is a dict of numpy arrays with the keys of
+    `dense_ssl.data.spec.batch_shapes(views, b)`, b = global_batch_size // process_count.
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top  (only to ask which process this is)
@@ -179,12 +185,14 @@ def create_iterator(data_cfg: Any, *, global_batch_size: int, grid: int, seed: i
                      f"the number of processes ({process_count}); change config.batch_size.")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must lie in [0, {process_count}).")
-  if grid < 1 or start_step < 0:
-    raise ValueError(f"Need grid >= 1 and start_step >= 0, got grid={grid}, "
-                     f"start_step={start_step}.")
+  if start_step < 0:
+    raise ValueError(f"Need start_step >= 0, got {start_step}.")
+  spec.check_views(views)
+  views_lib.sampler_keys(sampler, views)  # a clear error for an unknown sampler
   hide_accelerators_from_tf()
   source = sources_lib.create(data_cfg)
-  dataset = build_dataset(source, data_cfg, global_batch_size=global_batch_size, grid=grid,
-                          seed=seed, start_step=start_step, process_index=process_index,
+  dataset = build_dataset(source, data_cfg, views=views, sampler=sampler,
+                          global_batch_size=global_batch_size, seed=seed,
+                          start_step=start_step, process_index=process_index,
                           process_count=process_count)
   return Batches(dataset, num_examples=source.num_examples)

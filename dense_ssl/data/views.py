@@ -22,11 +22,13 @@ Coordinate convention (used by every function and by the grids the methods consu
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
 import tensorflow as tf
+
+from dense_ssl.data import spec
 
 # Coordinates that describe a crop: (y0, x0, h, w) as int32 pixels of the original image.
 CropWindow = tf.Tensor
@@ -206,34 +208,117 @@ def to_uint8(image: tf.Tensor) -> tf.Tensor:
   return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
-def two_views(image: tf.Tensor, seed: tf.Tensor, *, image_size: int, grid: int,
-              scale: Sequence[float] = (0.2, 1.0),
-              ratio: Sequence[float] = (3 / 4, 4 / 3),
-              flip: bool = True) -> dict[str, tf.Tensor]:
-  """Two independent random resized crops (and flips) of one image, with their grids.
+# ---------------------------------------------------------------------------------------------
+# Views of one image, as a method declares them (`dense_ssl.data.spec.ViewSpec`).
+#
+# A crop sampler chooses every view's crop window and flip from the image (and what the source
+# gives with it, e.g. object proposals), and may return arrays of its own; `make_views` then
+# cuts, resizes and describes each view. Samplers are registered by name; a method names its
+# own (`Method.crop_sampler`), "independent" by default.
+# ---------------------------------------------------------------------------------------------
+
+
+_MASK_STREAM = 7919  # folded into an example's seed for its token masks
+
+
+class Sampled(NamedTuple):
+  """A sampler's result: per view name, its crop window and flip; plus extra batch arrays."""
+  windows: dict[str, tf.Tensor]
+  flips: dict[str, tf.Tensor]
+  extra: dict[str, tf.Tensor]
+
+
+# (image, seed, own views, extras from the source) -> Sampled. "Own views" are those that
+# sample their crop (no `same_crop_as`).
+Sampler = Callable[[tf.Tensor, tf.Tensor, Sequence[spec.ViewSpec], dict[str, tf.Tensor]],
+                   Sampled]
+SAMPLERS: dict[str, Sampler] = {}
+# Per sampler, the keys it adds: (views) -> {key: (per-example shape, dtype)}.
+SAMPLER_KEYS: dict[str, Callable[[Sequence[spec.ViewSpec]], dict[str, Any]]] = {}
+
+
+def register_sampler(name: str, keys: Callable[[Sequence[spec.ViewSpec]], dict[str, Any]]
+                     = lambda views: {}) -> Callable[[Sampler], Sampler]:
+  """Decorator: registers a crop sampler under `name`, with the extra batch keys it adds."""
+
+  def wrap(fn: Sampler) -> Sampler:
+    if name in SAMPLERS:
+      raise ValueError(f"Crop sampler {name!r} is registered twice.")
+    SAMPLERS[name], SAMPLER_KEYS[name] = fn, keys
+    return fn
+
+  return wrap
+
+
+def sampler_keys(name: str, views: Sequence[spec.ViewSpec]) -> dict[str, Any]:
+  """The extra batch keys (per-example shape, dtype) sampler `name` adds for `views`."""
+  if name not in SAMPLERS:
+    raise ValueError(f"Unknown crop sampler {name!r} (Method.crop_sampler); valid choices: "
+                     f"{', '.join(sorted(SAMPLERS))}.")
+  return SAMPLER_KEYS[name](views)
+
+
+@register_sampler("independent")
+def independent_crops(image: tf.Tensor, seed: tf.Tensor, views: Sequence[spec.ViewSpec],
+                      extras: dict[str, tf.Tensor]) -> Sampled:
+  """Every view its own random resized crop and flip (MoCo, BYOL, DINO's multi-crop).
+
+  View i draws its window from seed i and its flip from seed n + i of the n = len(views)
+  seeds split from `seed`, so adding views leaves the earlier views' draws as they were for
+  the same n.
+  """
+  del extras
+  shape = tf.shape(image)
+  n = len(views)
+  seeds = tf.random.experimental.stateless_split(seed, 2 * n)
+  windows, flips = {}, {}
+  for i, v in enumerate(views):
+    windows[v.name] = sample_crop_window(seeds[i], shape, v.scale, v.ratio)
+    flips[v.name] = sample_flip(seeds[n + i], 0.5 if v.flip else 0.0)
+  return Sampled(windows, flips, {})
+
+
+def token_mask(seed: tf.Tensor, grid: int, mask: spec.MaskSpec) -> tf.Tensor:
+  """A bool (grid, grid) mask: ceil(ratio · blocks) random `block` x `block` squares, True."""
+  side = grid // mask.block
+  blocks = side * side
+  count = int(math.ceil(mask.ratio * blocks - 1e-9))
+  ranks = tf.argsort(tf.argsort(tf.random.stateless_uniform([blocks], seed)))
+  coarse = tf.reshape(ranks < count, (side, side))
+  return tf.repeat(tf.repeat(coarse, mask.block, axis=0), mask.block, axis=1)
+
+
+def make_views(image: tf.Tensor, seed: tf.Tensor, views: Sequence[spec.ViewSpec], *,
+               sampler: str = "independent",
+               extras: dict[str, tf.Tensor] | None = None) -> dict[str, tf.Tensor]:
+  """The views of one image with their geometry, keyed as `dense_ssl.data.spec` documents.
 
   Args:
     image: uint8 (H, W, 3) image.
-    seed: stateless seed of shape [2]; each view draws from its own derived seeds.
-    image_size: side of each view in pixels.
-    grid: S, cells per side of the correspondence grid.
-    scale, ratio: `RandomResizedCrop` ranges.
-    flip: whether views may be flipped (with probability 0.5).
-
-  Returns:
-    Keys view{1,2} uint8 (image_size, image_size, 3), coords{1,2} float32 (S, S, 2),
-    valid{1,2} bool (S, S), box{1,2} float32 (4,), flip{1,2} bool ().
+    seed: stateless seed of shape [2], given to the sampler as it is (two independent views
+      draw exactly what they drew before views were configurable); the token masks draw from
+      a seed folded from it.
+    views: the method's views.
+    sampler: the registered crop sampler's name.
+    extras: per-image arrays from the source that the sampler reads (e.g. proposals).
   """
+  if sampler not in SAMPLERS:
+    sampler_keys(sampler, views)  # raises, listing the choices
+  own = [v for v in views if v.same_crop_as is None]
+  sampled = SAMPLERS[sampler](image, seed, own, extras or {})
+  mask_seed = tf.random.experimental.stateless_fold_in(seed, _MASK_STREAM)
   shape = tf.shape(image)
-  seeds = tf.random.experimental.stateless_split(seed, 4)
-  out = {}
-  for view in (1, 2):
-    window = sample_crop_window(seeds[view - 1], shape, scale, ratio)
-    flipped = sample_flip(seeds[view + 1], 0.5 if flip else 0.0)
-    coords, valid = correspondence_grid(window, flipped, shape, grid)
-    out[f"view{view}"] = crop_resize_flip_uint8(image, window, flipped, image_size)
-    out[f"coords{view}"] = coords
-    out[f"valid{view}"] = valid
-    out[f"box{view}"] = normalized_box(window, shape)
-    out[f"flip{view}"] = flipped
+  mask_seeds = tf.random.experimental.stateless_split(mask_seed, len(views))
+  out = dict(sampled.extra)
+  for i, v in enumerate(views):
+    source = v.same_crop_as or v.name
+    window, flipped = sampled.windows[source], sampled.flips[source]
+    out[v.name] = crop_resize_flip_uint8(image, window, flipped, v.size)
+    out[f"{v.name}_box"] = normalized_box(window, shape)
+    out[f"{v.name}_flip"] = flipped
+    if v.grid:
+      coords, valid = correspondence_grid(window, flipped, shape, v.grid)
+      out[f"{v.name}_coords"], out[f"{v.name}_valid"] = coords, valid
+    if v.mask is not None:
+      out[f"{v.name}_mask"] = token_mask(mask_seeds[i], v.grid, v.mask)
   return out

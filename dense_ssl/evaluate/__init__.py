@@ -2,7 +2,7 @@
 
     python -m dense_ssl.evaluate --workdir=W [--step=N] [--evals=linear,knn,dense,corr]
 
-Importing the package registers every evaluator; `from_config(config.evals, model_name)` builds
+Importing the package registers every evaluator; `from_config(config.evals, backbone)` builds
 them and `run_all(evaluators, state)` runs them (see base.py).
 """
 

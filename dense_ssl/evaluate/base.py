@@ -1,8 +1,10 @@
 """The evaluator interface and registry, big_vision style.
 
 An evaluator is built from `config.evals.<name>` (a dict: `type` names the registered class,
-defaulting to `<name>`; every other key is a constructor argument) plus the backbone's name, and
-`run(state_or_variables)` yields `(key, value)` pairs; `run_all` prefixes them `<name>/<key>`.
+defaulting to `<name>`; every other key is a constructor argument) plus the method's backbone
+(`Method.backbone`, a `dense_ssl.models.Backbone`), and `run(variables)` on the backbone's
+variables (`Method.backbone_variables`) yields `(key, value)` pairs; `run_all` prefixes them
+`<name>/<key>`.
 Configs are duck-typed (a dict, or anything with `items()`), so this package runs without
 ml_collections.
 """
@@ -26,9 +28,9 @@ DEFAULT_EVALS: dict[str, dict[str, Any]] = {
 
 
 class Evaluator(Protocol):
-  """What an evaluator offers: `run` on a TrainState or backbone variables."""
+  """What an evaluator offers: `run` on the backbone's {"params", "batch_stats"}."""
 
-  def run(self, state_or_variables: Any) -> Iterator[tuple[str, float]]:
+  def run(self, variables: Any) -> Iterator[tuple[str, float]]:
     ...
 
 
@@ -39,22 +41,22 @@ register = _REGISTRY.register
 names = _REGISTRY.names
 
 
-def create(type_name: str, model_name: str, **params: Any) -> Evaluator:
-  """Builds the evaluator registered as `type_name` for the backbone `model_name`."""
+def create(type_name: str, backbone: Any, **params: Any) -> Evaluator:
+  """Builds the evaluator registered as `type_name` for `backbone` (a `models.Backbone`)."""
   cls = _REGISTRY.get(type_name)
-  valid = [p for p in inspect.signature(cls).parameters if p != "model_name"]
+  valid = [p for p in inspect.signature(cls).parameters if p != "backbone"]
   unknown = sorted(set(params) - set(valid))
   if unknown:
     raise ValueError(f"Evaluator {type_name!r} has no parameter(s) {', '.join(unknown)}; valid: "
                      f"{', '.join(valid)}.")
-  return cls(model_name, **params)
+  return cls(backbone, **params)
 
 
 def _as_dict(node: Any) -> dict[str, Any]:
   return node.to_dict() if hasattr(node, "to_dict") else dict(node)
 
 
-def from_config(evals: Mapping[str, Any], model_name: str,
+def from_config(evals: Mapping[str, Any], backbone: Any,
                 only: list[str] | None = None) -> dict[str, Evaluator]:
   """{name: evaluator} from `config.evals` (name -> {"type": ..., params}), in config order.
 
@@ -71,14 +73,14 @@ def from_config(evals: Mapping[str, Any], model_name: str,
   out = {}
   for name, cfg in evals.items():
     params = _as_dict(cfg)
-    out[name] = create(params.pop("type", name), model_name, **params)
+    out[name] = create(params.pop("type", name), backbone, **params)
   return out
 
 
-def run_all(evaluators: Mapping[str, Evaluator], state_or_variables: Any) -> dict[str, float]:
-  """Runs every evaluator; returns {"<name>/<key>": value}."""
+def run_all(evaluators: Mapping[str, Evaluator], variables: Any) -> dict[str, float]:
+  """Runs every evaluator on the backbone's variables; returns {"<name>/<key>": value}."""
   results = {}
   for name, evaluator in evaluators.items():
-    for key, value in evaluator.run(state_or_variables):
+    for key, value in evaluator.run(variables):
       results[f"{name}/{key}"] = float(value)
   return results

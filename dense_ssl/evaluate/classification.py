@@ -1,4 +1,4 @@
-"""Image-level probes on frozen pooled C5 features: a linear classifier and a k-NN classifier.
+"""Image-level probes on frozen pooled features (ResNet: mean of C5; ViT: class token): a linear classifier and a k-NN classifier.
 
 Both classify single Fashion-MNIST garments on scene backgrounds
 (`dense_ssl.data.scenes.single_garments`): fitted on (or voting with) garments of the
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dense_ssl import models
 from dense_ssl.data import scenes
 from dense_ssl.evaluate import base, features
 
@@ -80,9 +81,9 @@ def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, *,
 class _GarmentProbe:
   """Data and features shared by the linear and k-NN probes (the data is made once)."""
 
-  def __init__(self, model_name: str, *, num_train: int, num_test: int, image_size: int,
-               batch_size: int, seed: int, data_dir: str):
-    self.model_name = model_name
+  def __init__(self, backbone: models.Backbone, *, num_train: int, num_test: int,
+               image_size: int, batch_size: int, seed: int, data_dir: str):
+    self.backbone = backbone
     self.num_train, self.num_test = num_train, num_test
     self.image_size, self.batch_size = image_size, batch_size
     self.seed, self.data_dir = seed, data_dir
@@ -96,29 +97,28 @@ class _GarmentProbe:
       self._data = (*make("probe_train", n=self.num_train), *make("probe_test", n=self.num_test))
     return self._data
 
-  def pooled(self, state_or_variables: Any) -> tuple[np.ndarray, ...]:
-    """(train features, train labels, test features, test labels), pooled C5."""
+  def pooled(self, variables: Any) -> tuple[np.ndarray, ...]:
+    """(train features, train labels, test features, test labels), pooled features."""
     train_images, train_y, test_images, test_y = self.data()
-    extract = functools.partial(features.extract, self.model_name,
-                                features.backbone_variables(state_or_variables),
+    extract = functools.partial(features.extract, self.backbone, variables,
                                 batch_size=self.batch_size)
     return extract(train_images)["pooled"], train_y, extract(test_images)["pooled"], test_y
 
 
 @base.register("linear")
 class LinearProbe(_GarmentProbe):
-  """Top-1 of a linear classifier on frozen pooled C5 (see the module docstring)."""
+  """Top-1 of a linear classifier on frozen pooled features (see the module docstring)."""
 
-  def __init__(self, model_name: str, *, num_train: int = 5000, num_test: int = 2000,
+  def __init__(self, backbone: models.Backbone, *, num_train: int = 5000, num_test: int = 2000,
                image_size: int = 64, steps: int = 500, lr: float = 1e-2,
                weight_decay: float = 1e-4, batch_size: int = 64, seed: int = 0,
                data_dir: str = scenes.DEFAULT_DIR):
-    super().__init__(model_name, num_train=num_train, num_test=num_test, image_size=image_size,
+    super().__init__(backbone, num_train=num_train, num_test=num_test, image_size=image_size,
                      batch_size=batch_size, seed=seed, data_dir=data_dir)
     self.steps, self.lr, self.weight_decay = steps, lr, weight_decay
 
-  def run(self, state_or_variables: Any) -> Iterator[tuple[str, float]]:
-    train_x, train_y, test_x, test_y = self.pooled(state_or_variables)
+  def run(self, variables: Any) -> Iterator[tuple[str, float]]:
+    train_x, train_y, test_x, test_y = self.pooled(variables)
     train_x, test_x = standardize(train_x, test_x)
     params = fit_linear(train_x, train_y, num_classes=scenes.NUM_CLASSES, steps=self.steps,
                         lr=self.lr, weight_decay=self.weight_decay)
@@ -128,17 +128,17 @@ class LinearProbe(_GarmentProbe):
 
 @base.register("knn")
 class KNN(_GarmentProbe):
-  """Top-1 of weighted k-NN on frozen pooled C5 (see the module docstring)."""
+  """Top-1 of weighted k-NN on frozen pooled features (see the module docstring)."""
 
-  def __init__(self, model_name: str, *, num_train: int = 5000, num_test: int = 2000,
+  def __init__(self, backbone: models.Backbone, *, num_train: int = 5000, num_test: int = 2000,
                image_size: int = 64, k: int = 20, temperature: float = 0.07,
                batch_size: int = 64, seed: int = 0, data_dir: str = scenes.DEFAULT_DIR):
-    super().__init__(model_name, num_train=num_train, num_test=num_test, image_size=image_size,
+    super().__init__(backbone, num_train=num_train, num_test=num_test, image_size=image_size,
                      batch_size=batch_size, seed=seed, data_dir=data_dir)
     self.k, self.temperature = k, temperature
 
-  def run(self, state_or_variables: Any) -> Iterator[tuple[str, float]]:
-    train_x, train_y, test_x, test_y = self.pooled(state_or_variables)
+  def run(self, variables: Any) -> Iterator[tuple[str, float]]:
+    train_x, train_y, test_x, test_y = self.pooled(variables)
     pred = knn_predict(train_x, train_y, test_x, num_classes=scenes.NUM_CLASSES, k=self.k,
                        temperature=self.temperature)
     yield "top1", float(np.mean(pred == test_y))

@@ -1,4 +1,6 @@
-"""Dense (per-pixel) linear probe on frozen C5 (+ C4) maps, scored by mIoU on held-out scenes.
+"""Dense (per-pixel) linear probe on frozen feature maps, scored by mIoU on held-out scenes.
+
+The maps: a ResNet's C5 (+ C4 with `use_c4`), a ViT's patch tokens on their grid.
 
 The probe is fitted on "probe_train" Fashion-MNIST scenes and scored on "probe_test" scenes
 (`dense_ssl.data.scenes`), over 11 classes: background and the 10 garments.
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dense_ssl import models
 from dense_ssl.data import scenes
 from dense_ssl.evaluate import base, classification, features
 
@@ -110,13 +113,13 @@ class DenseResult:
 
 @base.register("dense")
 class DenseProbe:
-  """mIoU of a per-pixel linear probe on frozen C5 (+ C4) maps (see the module docstring)."""
+  """mIoU of a per-pixel linear probe on frozen maps (see the module docstring)."""
 
-  def __init__(self, model_name: str, *, num_train: int = 1000, num_test: int = 500,
+  def __init__(self, backbone: models.Backbone, *, num_train: int = 1000, num_test: int = 500,
                image_size: int = 96, use_c4: bool = True, steps: int = 500,
                train_batch_size: int = 16, lr: float = 1e-2, weight_decay: float = 1e-4,
                batch_size: int = 64, seed: int = 0, data_dir: str = scenes.DEFAULT_DIR):
-    self.model_name = model_name
+    self.backbone = backbone
     self.num_train, self.num_test, self.image_size = num_train, num_test, image_size
     self.use_c4, self.steps, self.train_batch_size = use_c4, steps, train_batch_size
     self.lr, self.weight_decay = lr, weight_decay
@@ -133,14 +136,14 @@ class DenseProbe:
     return self._data
 
   def _maps(self, variables: Any, images: np.ndarray) -> list[np.ndarray]:
-    out = features.extract(self.model_name, variables, images, batch_size=self.batch_size,
-                           with_c4=self.use_c4)
-    return [out["c5"], out["c4"]] if self.use_c4 else [out["c5"]]
+    with_c4 = self.use_c4 and self.backbone.family == "resnet"
+    out = features.extract(self.backbone, variables, images, batch_size=self.batch_size,
+                           with_c4=with_c4)
+    return [out["map"], out["c4"]] if with_c4 else [out["map"]]
 
-  def evaluate(self, state_or_variables: Any) -> DenseResult:
+  def evaluate(self, variables: Any) -> DenseResult:
     """Fits the probe on the training scenes and scores it on the test scenes."""
     train, test = self.data()
-    variables = features.backbone_variables(state_or_variables)
     levels = zip(self._maps(variables, train["images"]), self._maps(variables, test["images"]))
     train_maps, test_maps = zip(*(classification.standardize(a, b) for a, b in levels))
     params = fit_dense(list(train_maps), train["label_maps"],
@@ -154,7 +157,7 @@ class DenseProbe:
     return DenseResult(miou=miou, pixel_acc=float(np.trace(confusion) / confusion.sum()),
                        iou=iou, images=test["images"], label_maps=gt, predictions=pred)
 
-  def run(self, state_or_variables: Any) -> Iterator[tuple[str, float]]:
-    result = self.evaluate(state_or_variables)
+  def run(self, variables: Any) -> Iterator[tuple[str, float]]:
+    result = self.evaluate(variables)
     yield "miou", result.miou
     yield "pixel_acc", result.pixel_acc

@@ -11,13 +11,12 @@ from dense_ssl import checkpoint
 from dense_ssl.evaluate import base
 
 
-def run_timed(evaluators: Mapping[str, base.Evaluator],
-              state_or_variables: Any) -> dict[str, float]:
+def run_timed(evaluators: Mapping[str, base.Evaluator], variables: Any) -> dict[str, float]:
   """`base.run_all`, plus each evaluator's wall time as `z/secs/<name>`."""
   results = {}
   for name, evaluator in evaluators.items():
     start = time.perf_counter()
-    results.update(base.run_all({name: evaluator}, state_or_variables))
+    results.update(base.run_all({name: evaluator}, variables))
     results[f"z/secs/{name}"] = time.perf_counter() - start
   return results
 
@@ -30,10 +29,9 @@ def evaluate_checkpoint(workdir: str, step: int | None = None,
   it has none; `only` keeps the named ones. Each also reports its time as `z/secs/<name>`.
   """
   config = checkpoint.load_config_dict(workdir)
-  step, tree = checkpoint.load_raw(workdir, step)
-  evaluators = base.from_config(config.get("evals") or base.DEFAULT_EVALS,
-                                config["model"]["name"], only)
-  return step, run_timed(evaluators, tree)
+  step, backbone, variables = checkpoint.load_backbone(workdir, step)
+  evaluators = base.from_config(config.get("evals") or base.DEFAULT_EVALS, backbone, only)
+  return step, run_timed(evaluators, variables)
 
 
 def format_table(results: dict[str, float]) -> str:

@@ -1,16 +1,19 @@
 """DILEMMA (Sameni et al., 2022): detect tokens given a wrong positional embedding.
 
 Pure functions only for now (METHODS.md §3): sampling the corruption, applying it to the patch
-tokens, the per-token head and the total loss. Sampling is split from everything else so the
-parity vectors can inject their stored draws. The ViT method built on them comes later.
+tokens, the per-token head and the total loss, and their parity check. Sampling is split from
+everything else so the parity vectors can inject their stored draws. The option on the ViT
+methods built on them comes with those methods.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
-from dense_ssl import losses
+from dense_ssl import losses, parity
 
 
 def num_kept(num_tokens: int, drop_rate: float) -> int:
@@ -90,3 +93,42 @@ def total_loss(q1: jax.Array, q2: jax.Array, k1: jax.Array, k2: jax.Array,
   bce = jnp.stack([losses.bce_with_logits_mean(l, y) for l, y in zip(logits, labels)])
   total = ctr_12 + ctr_21 + lam * jnp.mean(bce)
   return total, {"ctr_q1k2": ctr_12, "ctr_q2k1": ctr_21, "bce": bce}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with the reference vectors (METHODS.md §3).
+# ---------------------------------------------------------------------------------------------
+
+
+@parity.register("dilemma", marker_key="ids_shuffle")
+def check_parity(r: Any, ck: parity.Checker) -> None:
+  """DILEMMA's corruption, head and total loss (`dilemma_case*.npz`, METHODS.md §3)."""
+  keep = num_kept(r["patches"].shape[2], parity.scalar(r, "drop_rate"))
+  ck.exact("keep", keep, r["keep"])
+  temperature, lam = parity.scalar(r, "T"), parity.scalar(r, "lam")
+
+  @jax.jit
+  def compute(patches, pos_embed, ids, labels, wrong, kernel, bias, q1, q2, k1, k2):
+    views = [corrupt_tokens(patches[v], pos_embed, ids[v], labels[v], wrong[v])
+             for v in range(2)]
+    tokens, kept, input_pos = (jnp.stack(x) for x in zip(*views))
+    logits = jnp.stack([head_logits(tok, kernel, bias) for tok in tokens])
+    total, aux = total_loss(q1, q2, k1, k2, tuple(logits), tuple(labels),
+                                    temperature=temperature, lam=lam)
+    rule = jnp.stack([wrong_positions(i, keep) for i in ids])
+    return rule, tokens, kept, input_pos, logits, total, aux
+
+  ints = [jnp.asarray(r[key], jnp.int32) for key in ("ids_shuffle", "labels", "wrong_pos")]
+  rule, tokens, kept, input_pos, logits, total, aux = compute(
+      parity.f32(r, "patches"), parity.f32(r, "pos_embed"), *ints,
+      *(parity.f32(r, key) for key in ("W_head", "b_head", "q1", "q2", "k1", "k2")))
+  ck.exact("wrong_pos (rule)", rule, r["wrong_pos"])
+  ck.exact("kept_pos", kept, r["kept_pos"])
+  ck.exact("input_pos", input_pos, r["input_pos"])
+  ck.close("tokens_in", tokens, r["tokens_in"])
+  ck.close("logits", logits, r["logits"])
+  ck.rel("bce", aux["bce"], r["bce"], parity.LOSS_TOL)
+  ck.rel("bce_mean", jnp.mean(aux["bce"]), r["bce_mean"], parity.LOSS_TOL)
+  ck.rel("ctr_q1k2", aux["ctr_q1k2"], r["ctr_q1k2"], parity.LOSS_TOL)
+  ck.rel("ctr_q2k1", aux["ctr_q2k1"], r["ctr_q2k1"], parity.LOSS_TOL)
+  ck.rel("total", total, r["total"], parity.LOSS_TOL)

@@ -1,4 +1,4 @@
-"""Convolution and max-pooling with gradients that XLA:CPU computes fast; XLA's own elsewhere.
+"""Convolution and max-pooling kernels for XLA:CPU, which runs these forms fast.
 
 Measured on a 2-core AVX2 CPU (jax 0.10.2, 2026-12-01), with the compiler options of
 `dense_ssl.xla_cpu` (convolutions by XLA's own Eigen kernels, not YNNPACK): XLA's weight
@@ -6,7 +6,8 @@ gradient of a 1x1 convolution first transposes its input to a batch-minor layout
 ran at ~0.2 GB/s inside a ResNet-50/224 batch-8 backward (~0.9 s of thread time in a ~3 s
 step); a 3x3 or 7x7 convolution's own weight gradient is as fast as any built from input taps
 (1.2-4x faster than those), and max-pooling's `select_and_scatter` gradient is ~4x slower than
-the scatter below. So, only when lowering for CPU (`lax.platform_dependent`):
+the scatter below. So, for CPU runs (`dense_ssl.models.get_backbone` selects these kernels once,
+when JAX's default backend is the CPU; a ResNet built for an accelerator never traces them):
 
 * the weight gradient of a 1x1 convolution is one matrix product of the (strided) input,
   flattened to (pixels, channels), with the output gradient; a stride-1 1x1 convolution's
@@ -20,10 +21,9 @@ the scatter below. So, only when lowering for CPU (`lax.platform_dependent`):
 * max-pooling's gradient goes to the first maximal element of each window (PyTorch's and
   `select_and_scatter`'s choice) through strided pads of the output gradient.
 
-Other forward passes and input gradients, and every other backend, use XLA's operations. Values
-and gradients are the same up to float summation order (tests/test_conv.py). Inside
-`shard_map`, pass weights cast to the inputs' varying axes (`lax.pcast(..., to="varying")`,
-as methods/base.py does): a custom VJP must return gradients of its inputs' exact type.
+Other convolutions go to XLA's own operation. Values and gradients are the same as XLA's up
+to float summation order (tests/test_conv.py). (Inside `shard_map`, a custom VJP must return
+gradients of its inputs' exact varying type; the trainer does not use `shard_map` around models.)
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     fast = lambda x, w: _im2col_conv(x, w, strides, pads, precision)
   else:
     return plain(lhs, rhs)
-  return lax.platform_dependent(lhs, rhs, cpu=fast, default=plain)
+  return fast(lhs, rhs)
 
 
 def _im2col_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Padding,
@@ -212,9 +212,7 @@ _max_pool_first_max.defvjp(_pool_fwd, _pool_bwd)
 
 def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
              padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-  """NHWC max-pooling (padding with -inf, as `flax.linen.max_pool`); the fast gradient on CPU."""
+  """NHWC max-pooling (padding with -inf, as `flax.linen.max_pool`) with the scatter gradient."""
   window, strides = tuple(window), tuple(strides)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  fast = lambda v: _max_pool_first_max(v, window, strides, padding)
-  plain = lambda v: _plain_max_pool(v, window, strides, padding)
-  return lax.platform_dependent(x, cpu=fast, default=plain)
+  return _max_pool_first_max(x, window, strides, padding)

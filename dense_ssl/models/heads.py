@@ -41,10 +41,11 @@ def _dense(features: int, name: str, dtype: Any) -> nn.Dense:
                   dtype=dtype, name=name)
 
 
-def _conv1x1(features: int, fan_in: int, name: str, dtype: Any) -> nn.Conv:
+def _conv1x1(features: int, fan_in: int, name: str, dtype: Any, cpu_kernels: bool) -> nn.Conv:
   return nn.Conv(features, (1, 1), kernel_init=torch_conv_kernel_init,
                  bias_init=torch_bias_init(fan_in), dtype=dtype, name=name,
-                 conv_general_dilated=conv.conv_general_dilated)
+                 conv_general_dilated=(conv.conv_general_dilated if cpu_kernels
+                                       else jax.lax.conv_general_dilated))
 
 
 def _check_map(x: jax.Array, head: str) -> None:
@@ -77,11 +78,15 @@ class DenseCLNeck(nn.Module):
     "dense_grid": (N, S*S, dim), `dense_conv1` -> ReLU -> `dense_conv2` per cell, row-major;
     "dense_pooled": (N, dim), the mean of the dense grid over cells (DenseCL's `avgpooled_x2`,
       the entry that goes into the dense queue).
+
+  `cpu_kernels` computes the 1x1 convolutions as `dense_ssl.models.conv` does (the same
+  values; faster on XLA:CPU).
   """
 
   hidden: int
   dim: int
   dtype: Any = jnp.float32
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> dict[str, jax.Array]:
@@ -92,8 +97,8 @@ class DenseCLNeck(nn.Module):
     g = jnp.mean(x, axis=(1, 2))
     g = nn.relu(_dense(self.hidden, "global_fc1", self.dtype)(g))
     g = _dense(self.dim, "global_fc2", self.dtype)(g)
-    d = nn.relu(_conv1x1(self.hidden, c, "dense_conv1", self.dtype)(x))
-    d = _conv1x1(self.dim, self.hidden, "dense_conv2", self.dtype)(d)
+    d = nn.relu(_conv1x1(self.hidden, c, "dense_conv1", self.dtype, self.cpu_kernels)(x))
+    d = _conv1x1(self.dim, self.hidden, "dense_conv2", self.dtype, self.cpu_kernels)(d)
     grid = d.reshape(n, -1, self.dim)
     return {"global": g, "dense_grid": grid, "dense_pooled": jnp.mean(grid, axis=1)}
 

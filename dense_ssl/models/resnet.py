@@ -24,6 +24,7 @@ values per channel, i.e. below 0.1% for 32 images at 7x7.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -41,13 +42,19 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
-def _conv(features: int, kernel: int, strides: int, name: str, dtype: Any) -> nn.Conv:
+# Input pixels per C5 cell.
+STRIDE = 32
+
+
+def _conv(features: int, kernel: int, strides: int, name: str, dtype: Any,
+          cpu_kernels: bool) -> nn.Conv:
   """A bias-free conv with torch's symmetric padding of kernel // 2 on each side."""
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
                  padding=((pad, pad), (pad, pad)), use_bias=False,
                  kernel_init=conv_kernel_init, dtype=dtype, name=name,
-                 conv_general_dilated=conv.conv_general_dilated)
+                 conv_general_dilated=(conv.conv_general_dilated if cpu_kernels
+                                       else jax.lax.conv_general_dilated))
 
 
 def _norm(train: bool, name: str, dtype: Any, zero_scale: bool = False) -> nn.BatchNorm:
@@ -58,11 +65,11 @@ def _norm(train: bool, name: str, dtype: Any, zero_scale: bool = False) -> nn.Ba
 
 
 def _shortcut(x: jax.Array, out_features: int, strides: int, train: bool,
-              dtype: Any) -> jax.Array:
+              dtype: Any, cpu_kernels: bool) -> jax.Array:
   """Identity, or torchvision's `downsample` (1x1 conv + BN) when the shape changes."""
   if strides == 1 and x.shape[-1] == out_features:
     return x
-  x = _conv(out_features, 1, strides, "downsample_conv", dtype)(x)
+  x = _conv(out_features, 1, strides, "downsample_conv", dtype, cpu_kernels)(x)
   return _norm(train, "downsample_bn", dtype)(x)
 
 
@@ -73,16 +80,19 @@ class BasicBlock(nn.Module):
   strides: int = 1
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  cpu_kernels: bool = False
 
   expansion = 1  # Output channels = planes * expansion (not a dataclass field: unannotated).
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-    y = _conv(self.planes, 3, self.strides, "conv1", self.dtype)(x)
+    conv_ = functools.partial(_conv, dtype=self.dtype, cpu_kernels=self.cpu_kernels)
+    y = conv_(self.planes, 3, self.strides, "conv1")(x)
     y = nn.relu(_norm(train, "bn1", self.dtype)(y))
-    y = _conv(self.planes, 3, 1, "conv2", self.dtype)(y)
+    y = conv_(self.planes, 3, 1, "conv2")(y)
     y = _norm(train, "bn2", self.dtype, zero_scale=self.zero_init_residual)(y)
-    return nn.relu(y + _shortcut(x, self.planes, self.strides, train, self.dtype))
+    return nn.relu(y + _shortcut(x, self.planes, self.strides, train, self.dtype,
+                                 self.cpu_kernels))
 
 
 class Bottleneck(nn.Module):
@@ -92,19 +102,21 @@ class Bottleneck(nn.Module):
   strides: int = 1
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  cpu_kernels: bool = False
 
   expansion = 4
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     out = self.planes * self.expansion
-    y = _conv(self.planes, 1, 1, "conv1", self.dtype)(x)
+    conv_ = functools.partial(_conv, dtype=self.dtype, cpu_kernels=self.cpu_kernels)
+    y = conv_(self.planes, 1, 1, "conv1")(x)
     y = nn.relu(_norm(train, "bn1", self.dtype)(y))
-    y = _conv(self.planes, 3, self.strides, "conv2", self.dtype)(y)
+    y = conv_(self.planes, 3, self.strides, "conv2")(y)
     y = nn.relu(_norm(train, "bn2", self.dtype)(y))
-    y = _conv(out, 1, 1, "conv3", self.dtype)(y)
+    y = conv_(out, 1, 1, "conv3")(y)
     y = _norm(train, "bn3", self.dtype, zero_scale=self.zero_init_residual)(y)
-    return nn.relu(y + _shortcut(x, out, self.strides, train, self.dtype))
+    return nn.relu(y + _shortcut(x, out, self.strides, train, self.dtype, self.cpu_kernels))
 
 
 class ResNet(nn.Module):
@@ -119,12 +131,15 @@ class ResNet(nn.Module):
     block_cls: `BasicBlock` or `Bottleneck`.
     zero_init_residual: start each block's last BN with gamma 0 (each block = identity).
     dtype: computation dtype; parameters stay float32.
+    cpu_kernels: use `dense_ssl.models.conv`'s convolution and pooling kernels, which XLA:CPU
+      runs faster than its own (same values); `models.get_backbone` sets it on CPU hosts.
   """
 
   stage_sizes: Sequence[int]
   block_cls: type[BasicBlock] | type[Bottleneck]
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
@@ -137,15 +152,16 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet expects NHWC RGB images of shape (N, H, W, 3), got {x.shape}; "
                        "transpose NCHW inputs with x.transpose(0, 2, 3, 1).")
     x = jnp.asarray(x, self.dtype)
-    x = _conv(64, 7, 2, "conv1", self.dtype)(x)
+    x = _conv(64, 7, 2, "conv1", self.dtype, self.cpu_kernels)(x)
     x = nn.relu(_norm(train, "bn1", self.dtype)(x))
-    x = conv.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    pool = conv.max_pool if self.cpu_kernels else nn.max_pool
+    x = pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
         x = self.block_cls(64 * 2**i, strides=strides,
                            zero_init_residual=self.zero_init_residual, dtype=self.dtype,
-                           name=f"layer{i + 1}_{j}")(x, train)
+                           cpu_kernels=self.cpu_kernels, name=f"layer{i + 1}_{j}")(x, train)
     return x
 
 

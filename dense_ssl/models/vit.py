@@ -70,7 +70,8 @@ class ViT(nn.Module):
   """ViT returning every token after the final LayerNorm: (N, 1 + K, D), cls first.
 
   Attributes:
-    patch_size: side of the square patches; the image sides must be multiples of it.
+    patch_size: side of the square patches; the image sides must be multiples of it. The
+      position table is sized by the image given to `init`; other sizes are interpolated.
     width: token dimension D.
     depth: number of blocks.
     num_heads: attention heads per block.
@@ -128,7 +129,11 @@ class ViT(nn.Module):
       _check_shape("mask", mask, (n, num_patches))
       x = jnp.where(mask[..., None], mask_token.astype(x.dtype), x)
 
-    pos_embed = self.param("pos_embed", _normal_002, (1, num_patches, self.width))
+    # The table keeps the size of the grid it was initialised on; other grids interpolate it.
+    positions = (self.get_variable("params", "pos_embed").shape[1]
+                 if self.has_variable("params", "pos_embed") else num_patches)
+    pos_embed = self.param("pos_embed", _normal_002, (1, positions, self.width))
+    pos_embed = resize_pos_embed(pos_embed, (h // p, w // p))
     if keep_idx is not None:
       _check_shape("keep_idx", keep_idx, (n, keep_idx.shape[-1]))
       x = jnp.take_along_axis(x, keep_idx[..., None], axis=1)
@@ -145,6 +150,26 @@ class ViT(nn.Module):
       x = Block(self.num_heads, self.mlp_ratio, self.layer_scale, self.dtype,
                 name=f"block{i}")(x)
     return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+
+
+def resize_pos_embed(pos_embed: jax.Array, grid: tuple[int, int]) -> jax.Array:
+  """The (1, g0·g0, D) learned table on a (gh, gw) grid: bicubic, as timm's
+  `resample_abs_pos_embed` (multi-crop: DINO's 96 px local crops of a 224 px model).
+
+  The table's own size is fixed at `init` by the first image seen; other sizes interpolate.
+  """
+  length, width = pos_embed.shape[1], pos_embed.shape[2]
+  if length == grid[0] * grid[1]:
+    return pos_embed
+  side = int(round(length**0.5))
+  if side * side != length:
+    raise ValueError(f"pos_embed of {length} positions is not a square grid; cannot resize it "
+                     f"to {grid}.")
+  table = pos_embed.reshape(side, side, width).astype(jnp.float32)
+  # No antialiasing when shrinking, as torch's F.interpolate(mode="bicubic") in timm.
+  resized = jax.image.resize(table, (grid[0], grid[1], width), method="bicubic",
+                             antialias=False)
+  return resized.reshape(1, grid[0] * grid[1], width).astype(pos_embed.dtype)
 
 
 def _check_shape(name: str, value: jax.Array, shape: tuple[int, ...]) -> None:
