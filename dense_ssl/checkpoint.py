@@ -77,7 +77,9 @@ def load_raw(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]
   The arrays are read onto this process's first device (the checkpoint's own shardings name
   devices that need not exist here), then copied to the host.
   """
-  manager = ocp.CheckpointManager(_directory(workdir))
+  # With its handler named, the manager can read the saved tree's metadata before restoring.
+  manager = ocp.CheckpointManager(_directory(workdir),
+                                  item_handlers=ocp.StandardCheckpointHandler())
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"No checkpoint under {_directory(workdir)}; train first with "

@@ -222,7 +222,7 @@ def test_non_finite_steps_never_reach_the_checkpoint(policy, tmp_path):
     ({"model.name": "vit_s16"}, "cannot be used by method 'densecl'; valid choices: resnet101, resnet18"),
     ({"batch_size": 12}, "multiple of the device count"),
     ({"method.queue_size": 40}, "multiple of config.batch_size=16"),
-    ({"data.image_size": 72}, "multiple of 32"),
+    ({"data.image_size": 72}, "not a multiple of the backbone.s stride 32"),
     ({"nan_policy": "ignore"}, "valid choices: stop, skip_step"),
 ])
 def test_bad_configs_fail_before_compiling(override, expected, tmp_path):
