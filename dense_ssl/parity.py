@@ -197,4 +197,6 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))
+  # The methods register their checkers in the module `dense_ssl.parity`, not in `__main__`.
+  from dense_ssl import parity as _registered  # pylint: disable=g-import-not-at-top
+  sys.exit(_registered.main(sys.argv[1:]))

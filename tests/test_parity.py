@@ -309,3 +309,14 @@ def test_moco_head_has_no_gradient_through_keys_or_queue():
   np.testing.assert_array_equal(g_k, 0.0)
   np.testing.assert_array_equal(g_buf, 0.0)
   assert float(jnp.abs(g_q).sum()) > 0
+
+
+def test_the_command_line_finds_every_checker():
+  """`python -m dense_ssl.parity` runs this file as `__main__`; the checkers register in
+  `dense_ssl.parity`, which the entry point must consult."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  out = subprocess.run([sys.executable, "-m", "dense_ssl.parity", *map(str, SHIPPED)],
+                       cwd=DATA.parents[2], capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+  assert out.stdout.strip().endswith("ALL PASS")
