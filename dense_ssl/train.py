@@ -398,7 +398,8 @@ def _export_backbone(model_name: str, state: TrainState, workdir: str) -> None:
   if importlib.util.find_spec("torch") is not None:
     formats.append("torchvision")
   else:
-    logging.info("torch is not installed: skipping the torchvision .pth export.")
+    logging.warning("torch is not installed: skipping the torchvision .pth export "
+                    '(pip install "dense_ssl[torch]").')
   for fmt in formats:
     path = export.export(model_name, params, stats, fmt, export.default_output(workdir, fmt))
     logging.info("Exported the backbone for %s: %s", fmt, path)
