@@ -411,5 +411,9 @@ def main(argv: Sequence[str]) -> int:
   return 1 if failed else 0
 
 
-if __name__ == "__main__":
+def cli() -> None:  # the dense-ssl-parity console script
   sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+  cli()

@@ -32,5 +32,9 @@ def main(argv):
   print(f"wrote {runner.write_results(_WORKDIR.value, step, results)}")
 
 
-if __name__ == "__main__":
+def cli():  # the dense-ssl-eval console script
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()
