@@ -262,10 +262,6 @@ def main(argv: list[str]) -> None:
   print(run(f.workdir, f.format, f.output, f.step))
 
 
-def cli() -> None:  # the dense-ssl-export console script
+if __name__ == "__main__":
   _define_flags()
   app.run(main)
-
-
-if __name__ == "__main__":
-  cli()

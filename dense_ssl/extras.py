@@ -21,7 +21,6 @@ PACKAGES = {
     "torch": ("PyTorch", "torch"),
     "skimage": ("scikit-image", "demo"),
     "matplotlib": ("matplotlib", "viz"),
-    "tensorboard": ("TensorBoard", "viz"),
 }
 
 

@@ -74,9 +74,5 @@ def _parse_flags(argv):
     sys.exit(2)
 
 
-def cli():  # the dense-ssl-train console script
-  app.run(main, flags_parser=_parse_flags)
-
-
 if __name__ == "__main__":
-  cli()
+  app.run(main, flags_parser=_parse_flags)

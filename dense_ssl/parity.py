@@ -411,9 +411,5 @@ def main(argv: Sequence[str]) -> int:
   return 1 if failed else 0
 
 
-def cli() -> None:  # the dense-ssl-parity console script
-  sys.exit(main(sys.argv[1:]))
-
-
 if __name__ == "__main__":
-  cli()
+  sys.exit(main(sys.argv[1:]))

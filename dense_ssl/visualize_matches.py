@@ -157,10 +157,6 @@ def main(argv):
   print(f"wrote {path}")
 
 
-def cli():  # the dense-ssl-visualize console script
+if __name__ == "__main__":
   _define_flags()
   app.run(main)
-
-
-if __name__ == "__main__":
-  cli()

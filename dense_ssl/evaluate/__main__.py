@@ -32,9 +32,5 @@ def main(argv):
   print(f"wrote {runner.write_results(_WORKDIR.value, step, results)}")
 
 
-def cli():  # the dense-ssl-eval console script
-  app.run(main)
-
-
 if __name__ == "__main__":
-  cli()
+  app.run(main)
