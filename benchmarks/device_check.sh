@@ -86,11 +86,9 @@ if [ "$SMOKE" != 1 ]; then
   if command -v taskset >/dev/null && [ "$cores" -ge 8 ]; then PIN=(taskset -c "4-$((cores - 1))"); fi
   (
     export JAX_PLATFORMS=cpu
+    mapfile -t JAX_ONLY < <(grep -E '^tests/' tests/jax_only.txt)  # as CI's newest-jax run
     part tests 420 "${PIN[@]}" "$PY" -m pytest -q -p no:cacheprovider -n 6 --dist loadfile \
-      tests/test_losses.py tests/test_matchers.py tests/test_parity.py tests/test_methods.py \
-      tests/test_queues.py tests/test_families.py tests/test_conv.py tests/test_heads.py \
-      tests/test_resnet.py tests/test_vit.py tests/test_ema.py tests/test_xla_cpu.py \
-      tests/test_export.py
+      "${JAX_ONLY[@]}"
   ) &
   TEST_PID=$!
 fi

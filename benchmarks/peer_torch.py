@@ -44,7 +44,9 @@ import functools  # pylint: disable=wrong-import-position
 from collections.abc import Sequence  # pylint: disable=wrong-import-position
 from typing import Any  # pylint: disable=wrong-import-position
 
-import torch  # pylint: disable=wrong-import-position
+from dense_ssl import extras  # pylint: disable=wrong-import-position
+
+torch = extras.require("torch", "benchmarks/peer_torch.py")
 import torch.nn.functional as F  # pylint: disable=wrong-import-position
 from torch import nn  # pylint: disable=wrong-import-position
 

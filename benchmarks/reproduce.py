@@ -31,8 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `benchmarks`, `configs` and `dense_ssl` from this checkout
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import matplotlib
+from dense_ssl import extras
 
+matplotlib = extras.require("matplotlib", "benchmarks/reproduce.py's figure")
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np

@@ -6,14 +6,42 @@ to know which override was wrong and what the valid keys at that level are.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+import sys
 from typing import Any
+
+
+def resolve(spec: str) -> str:
+  """`spec`, or the installed copy of a `configs/<file>.py[:arg]` that is not here.
+
+  pip installs configs/ as dense_ssl/configs, so `--config=configs/densecl.py:demo` also works
+  outside a checkout; `configs` is then that copy (the files' own `from configs import common`).
+  """
+  path, sep, arg = spec.partition(":")
+  relative = os.path.normpath(path)
+  if os.path.exists(path) or not relative.startswith("configs" + os.sep):
+    return spec
+  package = importlib.util.find_spec("dense_ssl.configs")
+  if package is None or not package.submodule_search_locations:
+    return spec
+  installed = os.path.join(list(package.submodule_search_locations)[0], relative[len("configs/"):])
+  if not os.path.exists(installed):
+    return spec
+  sys.modules.setdefault("configs", importlib.import_module("dense_ssl.configs"))
+  return installed + sep + arg
+
+
+def resolve_argv(argv: list[str]) -> list[str]:
+  """argv with its `--config=` resolved (`resolve`)."""
+  return [f"--config={resolve(a[len('--config='):])}" if a.startswith("--config=") else a
+          for a in argv]
 
 
 def load_config(spec: str) -> Any:
   """Loads `path.py[:arg]` the way ml_collections.config_flags does."""
-  path, _, arg = spec.partition(":")
+  path, _, arg = resolve(spec).partition(":")
   if not os.path.exists(path):
     raise FileNotFoundError(f"--config={spec}: no such file {path!r}; configs live in configs/.")
   module_spec = importlib.util.spec_from_file_location("_dense_ssl_config", path)

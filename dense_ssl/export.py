@@ -4,7 +4,7 @@ r"""Exports a pretrained ResNet backbone to PyTorch users' formats.
     python -m dense_ssl.export --workdir=DIR --format=detectron2    # DIR/export/backbone_detectron2.pkl
 
 Options: `--step=N` exports checkpoint N instead of the latest, `--output=PATH` picks the file
-(`.pth` is written with torch.save and needs `pip install torch==2.13.0`; `.pkl` is a plain
+(`.pth` is written with torch.save and needs `pip install "dense_ssl[torch]"`; `.pkl` is a plain
 pickle of numpy arrays and needs nothing).
 
 torchvision format: a ResNet `state_dict` (`conv1.weight`, `bn1.running_mean`, `layer1.0.conv1.
@@ -68,9 +68,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dense_ssl import extras
+
 # Per backbone family, the formats it exports to.
 FORMATS = {"resnet": ("torchvision", "detectron2")}
-_TORCH_HINT = "pip install torch==2.13.0"
 
 # Submodules of a block, in torchvision's state_dict order, and their torchvision names.
 _BLOCK_LAYERS = (("conv1", "conv1"), ("bn1", "bn1"), ("conv2", "conv2"), ("bn2", "bn2"),
@@ -201,11 +202,7 @@ def save(obj: dict, path: str, format: str | None = None) -> None:  # pylint: di
     raise ValueError(f"Unknown file format {format!r} for {path!r}; use a .pth (torch.save) or "
                      ".pkl (pickle) path, or pass format='pth'|'pkl'.")
   if format == "pth":
-    try:
-      import torch
-    except ImportError as e:
-      raise ImportError(f"Writing {path} needs PyTorch: {_TORCH_HINT} "
-                        "(or write a .pkl, which needs nothing).") from e
+    torch = extras.require("torch", f"Writing {path}")
     obj = _torch_tensors(obj)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   if format == "pth":
@@ -233,7 +230,8 @@ def available_formats(backbone: Any) -> list[str]:
   formats = [f for f in FORMATS.get(backbone.family, ())
              if have_torch or not default_output("", f).endswith(".pth")]
   if not have_torch and len(formats) < len(FORMATS.get(backbone.family, ())):
-    logging.info("torch is not installed: skipping the .pth exports.")
+    logging.warning('torch is not installed: skipping the .pth exports (pip install '
+                    '"dense_ssl[torch]").')
   return formats
 
 

@@ -61,10 +61,11 @@ def main(argv):
 
 
 def _parse_flags(argv):
+  from dense_ssl import config_errors  # pylint: disable=g-import-not-at-top
+  argv = config_errors.resolve_argv(argv)  # outside a checkout: the installed configs/
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
-    from dense_ssl import config_errors  # pylint: disable=g-import-not-at-top
     try:
       message = config_errors.explain(argv) or e
     except Exception as load_error:  # pylint: disable=broad-except  (the config file itself)

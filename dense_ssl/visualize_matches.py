@@ -18,17 +18,18 @@ import os
 import sys
 from typing import Any, Sequence
 
-import matplotlib
+import numpy as np
+from absl import app, flags
 
+from dense_ssl import extras
+from dense_ssl.evaluate import correspondence
+from dense_ssl.matchers import geometric
+
+matplotlib = extras.require("matplotlib", "Drawing the matches (dense_ssl.visualize_matches)")
 matplotlib.use("Agg")  # Files only: no display on training machines.
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import matplotlib.pyplot as plt
-import numpy as np
-from absl import app, flags
 from matplotlib.collections import LineCollection
-
-from dense_ssl.evaluate import correspondence
-from dense_ssl.matchers import geometric
 
 COLOURS = {"truth": "#2ca02c", "argmax": "#ff7f0e", "hough": "#c000c0"}
 _GAP = 8  # pixels between the two views

@@ -29,9 +29,12 @@ except a --config that exists relative to the repository root.
                            JAX preallocates; default 0.90
   --python=PYTHON          default: .venv/bin/python in the repository if it exists,
                            else python3
-  --install                first run setup.sh (creates .venv from requirements.txt), then
-                           install jax[cuda12] at the pinned jax version
-  --cuda=EXTRA             jax extra for --install: cuda12 or cuda13; default cuda12
+  --install                first install dense_ssl from this checkout into .venv:
+                           pip install -e ".[cuda12,torch]" at requirements.lock's versions
+                           (the Fashion-MNIST probes also need the Debian package
+                           dataset-fashion-mnist)
+  --cuda=EXTRA             dense_ssl extra for --install: cuda12 or cuda13 (jax[cuda12|13]);
+                           default cuda12
   --max_restarts=N         give up after N restarts on exit code 75; default 20
   --dry-run                print the commands ("+ ..." on stdout) without running them; also
                            DRY_RUN=1. DRY_RUN_EXIT_CODES lists simulated trainer exit codes
@@ -147,11 +150,15 @@ if [[ ! -e "$REPO_ROOT/${CONFIG%%:*}" && -e "${CONFIG%%:*}" ]]; then
 fi
 cd "$REPO_ROOT"
 
+# The package from this checkout, at the lock's versions (constraints: nothing else is
+# installed); torch, for the .pth export only, is the lock's CPU build from PyTorch's CPU index.
 if ((INSTALL)); then
-  run bash setup.sh
-  JAX_VERSION=$(sed -n 's/^jax==//p' requirements.txt)
-  [[ -n "$JAX_VERSION" ]] || die "no jax==VERSION pin in requirements.txt"
-  run .venv/bin/pip install -q "jax[$CUDA]==$JAX_VERSION"
+  if [[ ! -x .venv/bin/python ]]; then
+    VENV_PYTHON=$(command -v python3.11 || command -v python3) || die "no python3 to create .venv"
+    run "$VENV_PYTHON" -m venv .venv
+  fi
+  run .venv/bin/pip install -q -c requirements.lock -e ".[$CUDA,torch]" \
+    --extra-index-url https://download.pytorch.org/whl/cpu
 fi
 if [[ -z "$PYTHON" ]]; then
   if [[ -x .venv/bin/python ]] || ((INSTALL)); then

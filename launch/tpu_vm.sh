@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Trains dense_ssl on a Cloud TPU VM (v4, v5e, v5p or v6e; any slice size). The script creates
 # or reuses the VM and copies the code to every worker, as a tarball of this checkout or as a
-# git clone. It installs the pinned requirements with jax[tpu] and starts the trainer on all
-# workers. With --watch it requeues the run after a preemption. See launch/README.md.
+# git clone. It installs the package from that tree with jax[tpu] at the lock's versions and
+# starts the trainer on all workers. With --watch it requeues the run after a preemption. See
+# launch/README.md.
 #
 #   launch/tpu_vm.sh --zone=us-central2-b --accelerator=v4-32 --spot \
 #       --config=configs/densecl.py --workdir=gs://BUCKET/runs/densecl \
@@ -17,8 +18,9 @@ Usage: launch/tpu_vm.sh [options] [-- trainer flags...]
        launch/tpu_vm.sh --stop  --name=NAME --zone=ZONE     stop the trainer on all workers
        launch/tpu_vm.sh --delete --name=NAME --zone=ZONE    delete the TPU VM
 
-Creates or reuses the TPU VM and copies the code to every worker. Installs the pinned
-requirements there, with jax[tpu] at the pinned jax version instead of the CPU jaxlib. Then runs
+Creates or reuses the TPU VM and copies the code to every worker. Installs dense_ssl from that
+tree there (pip install -e ".[tpu,torch]", versions from requirements.lock), so jax[tpu] at the
+locked jax version replaces the CPU jaxlib. Then runs
 `python -m dense_ssl.main` on every worker (nohup, one log per worker in
 ~/REMOTE_DIR/logs/worker-N.log). Running it again resumes from the newest checkpoint in
 --workdir.
@@ -378,20 +380,20 @@ copy_code() {
   fi
 }
 
-# The pinned requirements. torch comes from the CPU index (it is only needed for export). jax is
-# reinstalled as jax[tpu] at the pinned version (libtpu instead of the CPU jaxlib).
+# The package from the copied tree with its tpu and torch extras, at the lock's versions (used as
+# constraints: nothing else is installed). torch, for the .pth export only, is the lock's CPU
+# build, from PyTorch's CPU index; jax[tpu] brings libtpu instead of the CPU jaxlib.
 install_packages() {
   local py
   py=$(printf '%q' "$PYTHON")
-  log "installing the requirements and jax[tpu] on all workers"
+  log "installing dense_ssl[tpu,torch] on all workers"
   ssh_workers all "set -e; cd $RD;" \
     "command -v $py >/dev/null || { sudo add-apt-repository -y ppa:deadsnakes/ppa" \
     "&& sudo apt-get update -q && sudo apt-get install -y -q $py $py-venv; };" \
     "[ -x .venv/bin/python ] || $py -m venv .venv;" \
     ".venv/bin/pip install -q --upgrade pip;" \
-    ".venv/bin/pip install -q -r requirements.txt" \
+    ".venv/bin/pip install -q -c requirements.lock -e \".[tpu,torch]\"" \
     "--extra-index-url https://download.pytorch.org/whl/cpu;" \
-    ".venv/bin/pip install -q \"jax[tpu]==\$(sed -n s/^jax==//p requirements.txt)\";" \
     ".venv/bin/python -c \"import jax; print(jax.process_index(), jax.device_count())\""
 }
 

@@ -8,7 +8,6 @@ of tpu_vm.sh, also run for real against fake trainers, a fake srun and a fake sc
 
 import os
 import pathlib
-import re
 import shutil
 import signal
 import subprocess
@@ -23,8 +22,8 @@ GPU = ROOT / "launch" / "gpu.sh"
 SLURM = ROOT / "launch" / "slurm.sbatch"
 SCRIPTS = [TPU, GPU, SLURM]
 # Shell scripts outside launch/ that are held to the same shellcheck standard.
-OTHER_SCRIPTS = [ROOT / "benchmarks" / "device_check.sh"]
-JAX_PIN = re.search(r"^jax==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M).group(1)
+OTHER_SCRIPTS = [ROOT / "benchmarks" / "device_check.sh", ROOT / ".ci" / "newest_jax",
+                 ROOT / ".ci" / "lock"]
 _DRY_ENV = ("DRY_RUN", "DRY_RUN_STATES", "DRY_RUN_JOB_STATUS", "DRY_RUN_EXIT_CODES",
             "DRY_RUN_EXIT_CODE", "TPU_NAME", "TPU_ZONE", "TPU_PROJECT", "TPU_ACCELERATOR_TYPE",
             "TPU_RUNTIME_VERSION", "REPO_URL", "REPO_REF", "GPUS_PER_NODE",
@@ -61,7 +60,7 @@ def _one(lines, *pieces):
 
 def _shellcheck():
   exe = shutil.which("shellcheck") or os.path.join(os.path.dirname(sys.executable), "shellcheck")
-  assert os.path.exists(exe), "shellcheck is missing: pip install -r requirements.txt"
+  assert os.path.exists(exe), 'shellcheck is missing: pip install "dense_ssl[test]"'
   return exe
 
 
@@ -101,8 +100,10 @@ def test_tpu_creates_copies_installs_and_starts_on_all_workers():
   assert f"-C {ROOT}" in tar and "--exclude=./.venv" in tar and "--exclude=./.git" in tar
   _one(lines, "tpu-vm scp", "ssl-v4:dense_ssl.tar.gz", "--worker=all", *where)
   install = _one(lines, "tpu-vm ssh", "--worker=all", "pip install", *where)
-  assert "-r requirements.txt" in install and '"jax[tpu]==$(sed -n s/^jax==//p' in install
-  assert install.index("-r requirements.txt") < install.index("jax[tpu]")
+  # The package itself from the copied tree, at the lock's versions: no hand-kept list.
+  assert 'pip install -q -c requirements.lock -e ".[tpu,torch]"' in install
+  assert "--extra-index-url https://download.pytorch.org/whl/cpu" in install
+  assert "-r " not in install and "jax[" not in install
   start = _one(lines, "tpu-vm ssh", "--worker=all", "dense_ssl.main", *where)
   for piece in ("launch/tpu_vm.sh worker-start", "python -m dense_ssl.main",
                 "--config=configs/densecl.py", "--workdir=gs://bucket/runs/densecl",
@@ -155,7 +156,7 @@ def test_tpu_watch_requeues_after_preemption_and_exit_code_75():
   assert len([line for line in lines if line == "+ sleep 7"]) == 4
   delete = _one(lines, "tpu-vm delete ssl-v4", "--quiet")
   create = _one(lines, "tpu-vm create ssl-v4", "--spot")
-  install = [i for i, line in enumerate(lines) if "jax[tpu]" in line]
+  install = [i for i, line in enumerate(lines) if "[tpu,torch]" in line]
   assert starts[0] < lines.index(delete) < lines.index(create) < install[1] < starts[1]
   status = [line for line in lines if "--worker=0" in line and "cat dense_ssl/logs/status" in line]
   assert len(status) == 3
@@ -244,7 +245,12 @@ def test_gpu_dry_run():
 def test_gpu_dry_run_reruns_on_75_and_installs_cuda_jax():
   result = _run(GPU, *GPU_ARGS[:-2], "--install", DRY_RUN_EXIT_CODES="75 75 0")
   lines = _commands(result)
-  assert lines[:2] == ["+ bash setup.sh", f"+ .venv/bin/pip install -q 'jax[cuda12]=={JAX_PIN}'"]
+  install = [line for line in lines if "pip install" in line]
+  assert install == ["+ .venv/bin/pip install -q -c requirements.lock -e '.[cuda12,torch]' "
+                     "--extra-index-url https://download.pytorch.org/whl/cpu"]
+  assert lines.index(install[0]) <= 1  # after the venv, if .venv is not there yet
+  cuda13 = _commands(_run(GPU, *GPU_ARGS[:-2], "--install", "--cuda=cuda13"))
+  _one(cuda13, "pip install", "-e '.[cuda13,torch]'")
   runs = [line for line in lines if "-m dense_ssl.main" in line]
   assert len(runs) == 3 and runs[0].startswith("+ .venv/bin/python -m dense_ssl.main")
   assert "restart 2 of at most 20" in result.stderr

@@ -46,6 +46,10 @@ def test_notebook_is_valid_with_default_parameters():
   assert namespace["EXTRA_FLAGS"] == [] and namespace["INSTALL"] is True
   assert namespace["EVALUATE"] is True
   assert "WORKDIR" in namespace
+  # It installs the package itself from the checkout (extras, the lock as constraints).
+  setup = next(c.source for c in nb.cells if c.cell_type == "code" and "if INSTALL:" in c.source)
+  assert '"-c", "requirements.lock"' in setup and '"-e", f".[{' in setup
+  assert "requirements.txt" not in setup
   for cell in nb.cells:
     if cell.cell_type == "code":
       assert not cell.outputs, "commit the notebook without outputs"

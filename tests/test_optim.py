@@ -2,11 +2,11 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
+from benchmarks.common import AttrDict
 from dense_ssl import optim
 
 TEN = optim.Durations(total_steps=10, steps_per_epoch=5, warmup_steps=0)
@@ -17,7 +17,7 @@ def _cfg(**kw):
            warmup_epochs=0.0, b1=0.9, b2=0.999, base_batch_size=0, weight_decay_end=-1.0,
            clip_grad_norm=0.0, no_decay=(), frozen=(), freeze_early=(), freeze_early_epochs=0.0)
   c.update(kw)
-  return ml_collections.ConfigDict(c)
+  return AttrDict(c)
 
 
 def _tx(cfg, params, durations=TEN):
@@ -166,7 +166,7 @@ def test_weight_decay_schedule_is_dino_cosine():
 
 
 def test_durations_come_from_exactly_one_key():
-  c = ml_collections.ConfigDict(dict(total_epochs=2.0, total_steps=0, batch_size=10,
+  c = AttrDict(dict(total_epochs=2.0, total_steps=0, batch_size=10,
                                      optim=dict(warmup_epochs=0.5)))
   assert optim.durations(c, num_examples=100) == (20, 10, 5)
   c.total_steps = 7

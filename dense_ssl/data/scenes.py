@@ -35,6 +35,8 @@ from typing import Sequence
 
 import numpy as np
 
+from dense_ssl import extras
+
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 CLASS_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
                "sneaker", "bag", "ankle boot")
@@ -94,7 +96,7 @@ def garments(split: str, directory: str = DEFAULT_DIR) -> tuple[np.ndarray, np.n
 
 def load_textures() -> list[np.ndarray]:
   """scikit-image's bundled grey textures (brick, grass, gravel) as float32 in [0, 1]."""
-  from skimage import data  # pylint: disable=g-import-not-at-top  (slow import, rarely needed)
+  data = extras.require("skimage.data", "Drawing the Fashion-MNIST scenes")  # slow import
   return [getattr(data, name)().astype(np.float32) / 255.0 for name in _TEXTURES]
 
 
@@ -104,7 +106,7 @@ def load_textures() -> list[np.ndarray]:
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
-  from skimage import transform  # pylint: disable=g-import-not-at-top
+  transform = extras.require("skimage.transform", "Drawing the Fashion-MNIST scenes")
   # Anti-aliasing only matters when shrinking (texture crops); garments are enlarged.
   shrink = image.shape[0] > size
   return transform.resize(image, (size, size), order=1, anti_aliasing=shrink,

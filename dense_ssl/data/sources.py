@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
-from dense_ssl import registry
+from dense_ssl import extras, registry
 
 Decoded = tuple[tf.Tensor, tf.Tensor]
 
@@ -106,14 +106,13 @@ def demo_photos() -> tuple[np.ndarray, ...]:
   Synthetic or drawn images in `skimage.data` (logo, phantom, text, checkerboards ...) are left
   out: self-supervised features learned from them say little.
   """
-  import skimage.data  # pylint: disable=g-import-not-at-top  (only the demo needs it)
-
+  skimage_data = extras.require("skimage.data", "data.source=demo (the embedded photos)")
   loaders = (
-      skimage.data.astronaut, skimage.data.chelsea, skimage.data.coffee, skimage.data.rocket,
-      lambda: skimage.data.stereo_motorcycle()[0], lambda: skimage.data.stereo_motorcycle()[1],
-      skimage.data.hubble_deep_field, skimage.data.retina, skimage.data.immunohistochemistry,
-      skimage.data.brick, skimage.data.grass, skimage.data.gravel, skimage.data.camera,
-      skimage.data.coins, skimage.data.moon)
+      skimage_data.astronaut, skimage_data.chelsea, skimage_data.coffee, skimage_data.rocket,
+      lambda: skimage_data.stereo_motorcycle()[0], lambda: skimage_data.stereo_motorcycle()[1],
+      skimage_data.hubble_deep_field, skimage_data.retina, skimage_data.immunohistochemistry,
+      skimage_data.brick, skimage_data.grass, skimage_data.gravel, skimage_data.camera,
+      skimage_data.coins, skimage_data.moon)
   photos = []
   for load in loaders:
     image = Image.fromarray(as_rgb(load()))
