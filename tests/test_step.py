@@ -7,16 +7,12 @@ newest jax in CI (.ci/run, tests/jax_only.txt) and on the lent GPU machine
 benchmarks/common.py without ml_collections; the batch is the benchmarks' synthetic one.
 """
 
-import functools
-
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from benchmarks import common, step
-from dense_ssl import ema, optim, sharding
-from dense_ssl import methods as methods_lib
+from dense_ssl import sharding
 
 BATCH = 16
 
@@ -28,21 +24,12 @@ def _config(method):
 
 
 def _one_step(config, mesh):
-  train = common.import_trainer()
-  method = methods_lib.create(config)
-  lr_fn = optim.learning_rate_fn(config.optim, 10, 0)
-  tx = optim.create_optimizer(config.optim, lr_fn)
-  momentum_fn = functools.partial(ema.momentum_at, total_steps=10,
-                                  base=config.method.momentum, schedule="constant")
-  state = train.create_state(config, method, tx, mesh)
-  init = jax.device_get(state.params)
-  batch = step.synthetic_batch(BATCH, config.data.image_size, mesh)
-  step_fn = jax.jit(functools.partial(train.train_step, method=method, config=config,
-                                      lr_fn=lr_fn, momentum_fn=momentum_fn),
-                    out_shardings=(jax.tree.map(lambda x: x.sharding, state),
-                                   NamedSharding(mesh, P())))
+  """One step of the trainer's own builder (`train.build`) on the benchmarks' synthetic batch."""
+  built = common.import_trainer().build(config, mesh, num_examples=10 * BATCH)
+  init = jax.device_get(built.state.params)
+  batch = step.synthetic_batch(built.batch_spec, mesh)
   with jax.set_mesh(mesh):
-    new_state, metrics = step_fn(state, batch)
+    new_state, metrics = built.step(built.state, batch)
   update = jax.tree.map(lambda n, o: n - o, jax.device_get(new_state.params), init)
   return new_state, update, jax.device_get(metrics)
 
