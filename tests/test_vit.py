@@ -239,3 +239,17 @@ def test_sincos_position_table_is_moco_v3s_and_gets_no_gradient():
     jax.eval_shape(lambda: vit.ViT(8, 32, 1, 2, pos_embed="rope").init(KEY, x))
   with pytest.raises(ValueError, match="divisible by 4"):
     vit.sincos_table(4, 30)
+
+
+@pytest.mark.parametrize("side,grid", [(14, (6, 6)), (4, (8, 8)), (14, (5, 7))])
+def test_position_table_resizing_is_torch_bicubic(side, grid):
+  """timm's resample_abs_pos_embed / DINO's interpolate_pos_encoding call torch's bicubic
+  F.interpolate (A = -0.75, align_corners=False); jax.image.resize's Keys kernel differs by
+  ~10 % of the values."""
+  torch = pytest.importorskip("torch")
+  table = np.random.default_rng(0).normal(size=(1, side * side, 8)).astype(np.float32)
+  ours = np.asarray(vit.resize_pos_embed(jnp.asarray(table), grid)).reshape(*grid, 8)
+  theirs = torch.nn.functional.interpolate(
+      torch.from_numpy(table).reshape(1, side, side, 8).permute(0, 3, 1, 2), size=grid,
+      mode="bicubic", align_corners=False).permute(0, 2, 3, 1)[0].numpy()
+  np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -34,6 +34,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dense_ssl.models import heads
 
@@ -194,9 +195,32 @@ def sincos_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32
   return sincos_table(side, shape[2]).reshape(shape).astype(dtype)
 
 
+def _bicubic_matrix(size_in: int, size_out: int, a: float = -0.75) -> np.ndarray:
+  """(out, in) weights of torch's bicubic resampling along one axis (align_corners=False,
+  A = -0.75, border taps clamped, no antialiasing), as `F.interpolate(size=...)` computes it."""
+  def near(x):  # |x| <= 1
+    return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+
+  def far(x):  # 1 < |x| < 2
+    return ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+
+  matrix = np.zeros((size_out, size_in), np.float64)
+  scale = size_in / size_out
+  for out in range(size_out):
+    src = scale * (out + 0.5) - 0.5
+    base = int(np.floor(src))
+    t = src - base
+    for offset, weight in ((-1, far(t + 1.0)), (0, near(t)), (1, near(1.0 - t)),
+                           (2, far(2.0 - t))):
+      matrix[out, min(max(base + offset, 0), size_in - 1)] += weight
+  return matrix
+
+
 def resize_pos_embed(pos_embed: jax.Array, grid: tuple[int, int]) -> jax.Array:
-  """The (1, g0·g0, D) learned table on a (gh, gw) grid: bicubic, as timm's
-  `resample_abs_pos_embed` (multi-crop: DINO's 96 px local crops of a 224 px model).
+  """The (1, g0·g0, D) table on a (gh, gw) grid (multi-crop: DINO's 96 px local crops of a
+  224 px model), bicubic exactly as torch's `F.interpolate(size=grid, mode="bicubic",
+  align_corners=False)`: timm's `resample_abs_pos_embed` without antialiasing, and DINO's
+  `interpolate_pos_encoding` but for its +0.1 in the scale factor.
 
   The table's own size is fixed at `init` by the first image seen; other sizes interpolate.
   """
@@ -208,9 +232,10 @@ def resize_pos_embed(pos_embed: jax.Array, grid: tuple[int, int]) -> jax.Array:
     raise ValueError(f"pos_embed of {length} positions is not a square grid; cannot resize it "
                      f"to {grid}.")
   table = pos_embed.reshape(side, side, width).astype(jnp.float32)
-  # No antialiasing when shrinking, as torch's F.interpolate(mode="bicubic") in timm.
-  resized = jax.image.resize(table, (grid[0], grid[1], width), method="bicubic",
-                             antialias=False)
+  rows = jnp.asarray(_bicubic_matrix(side, grid[0]), jnp.float32)
+  cols = jnp.asarray(_bicubic_matrix(side, grid[1]), jnp.float32)
+  resized = jnp.einsum("ai,bj,ijd->abd", rows, cols, table,
+                       precision=jax.lax.Precision.HIGHEST)
   return resized.reshape(1, grid[0] * grid[1], width).astype(pos_embed.dtype)
 
 
