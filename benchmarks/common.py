@@ -92,7 +92,8 @@ def fallback_config(method: str) -> AttrDict:
                        solarize_prob=0.0))),
       optim=dict(name="sgd", lr=0.03, momentum=0.9, weight_decay=1e-4, schedule="cosine",
                  warmup_epochs=0.0, b1=0.9, b2=0.999, base_batch_size=0,
-                 weight_decay_end=-1.0, clip_grad_norm=0.0, no_decay=(), frozen=(),
+                 weight_decay_end=-1.0, clip_grad_norm=0.0, clip_grad_per_tensor=False,
+                 no_decay=(), frozen=(),
                  freeze_early=(), freeze_early_epochs=0.0),
       method=m, evals={}, eval_every_steps=0, log_every_steps=50, checkpoint_every_steps=1000,
       keep_checkpoints=3, nan_policy="stop")

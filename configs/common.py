@@ -47,7 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       name="sgd", lr=0.03, momentum=0.9, weight_decay=1e-4, schedule="cosine",
       warmup_epochs=0.0, b1=0.9, b2=0.999, base_batch_size=0, weight_decay_end=-1.0,
-      clip_grad_norm=0.0, no_decay=(), frozen=(), freeze_early=(), freeze_early_epochs=0.0))
+      clip_grad_norm=0.0, clip_grad_per_tensor=False, no_decay=(), frozen=(), freeze_early=(),
+      freeze_early_epochs=0.0))
 
   # Frozen-backbone evaluators (dense_ssl/evaluate), by name: {"type": registered name, params}.
   # They run on process 0 every `eval_every_steps` (0 = once, at the end) when any are set.
@@ -105,14 +106,19 @@ def fmnist_scenes_overrides(c: ml_collections.ConfigDict) -> None:
   Views at the scenes' own 96 px (a 3x3 grid of 32 px cells, about one garment each): upsampled
   crops would add compute and no information.
   """
+  fmnist_scenes_protocol(c)
   c.model.name = "resnet18"
+  c.method.queue_size = 2048
+  c.method.hidden = 512
+  c.method.bn_groups = 4
+
+
+def fmnist_scenes_protocol(c: ml_collections.ConfigDict) -> None:
+  """What every method's `fmnist_scenes` variant shares: data, batch, steps and evaluators."""
   c.data.update(dict(source="fmnist_scenes", image_size=96))
   c.batch_size = 32
   c.total_epochs = 0.0
   c.total_steps = 2000
-  c.method.queue_size = 2048
-  c.method.hidden = 512
-  c.method.bn_groups = 4
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   # The protocol of benchmarks/reproduce.py, also logged at the end of a run; held-out sets sized
@@ -127,12 +133,70 @@ def fmnist_scenes_overrides(c: ml_collections.ConfigDict) -> None:
 
 def apply_variant(c: ml_collections.ConfigDict, arg: str | None,
                   variants: dict) -> ml_collections.ConfigDict:
-  """Applies the named variant (None/'' = the paper's recipe) and locks the config."""
-  name = arg or "default"
-  if name not in variants:
-    raise ValueError(f"Unknown config variant {name!r}; valid variants: "
-                     f"{', '.join(sorted(variants))}.")
-  if variants[name] is not None:
-    variants[name](c)
+  """Applies the named variant (None/'' = the paper's recipe) and locks the config.
+
+  `arg` may name several, comma-separated, applied in order: `demo,dilemma` is the demo with
+  the DILEMMA option on (configs of the ViT methods).
+  """
+  for name in (arg or "default").split(","):
+    name = name.strip() or "default"
+    if name not in variants:
+      raise ValueError(f"Unknown config variant {name!r}; valid variants: "
+                       f"{', '.join(sorted(variants))}.")
+    if variants[name] is not None:
+      variants[name](c)
   c.lock()
   return c
+
+
+# ---------------------------------------------------------------------------------------------
+# ViT methods (MoCo v3, DINO, SimCLR) and their DILEMMA option.
+# ---------------------------------------------------------------------------------------------
+
+
+def vit_model(name: str = "vit_s16", pos_embed: str = "learned") -> ml_collections.ConfigDict:
+  """config.model of a ViT: its name, learned or sin-cos positions, bfloat16 compute."""
+  return ml_collections.ConfigDict(dict(name=name, half_precision=False, pos_embed=pos_embed))
+
+
+def dilemma_block() -> ml_collections.ConfigDict:
+  """config.method.dilemma (methods/dilemma.py), off; the `dilemma` variant turns it on with
+  the paper's values: drop 0.75 of the student's patch tokens, p = 0.2 wrong positions, λ = 1."""
+  return ml_collections.ConfigDict(dict(enabled=False, drop_rate=0.75, probability=0.2,
+                                        lam=1.0))
+
+
+def dilemma_on(c: ml_collections.ConfigDict) -> None:
+  c.method.dilemma.enabled = True
+
+
+def vit_demo_overrides(c: ml_collections.ConfigDict) -> None:
+  """Embedded photos, ViT-micro/8 at 64 px (64 patch tokens), minutes on 2 CPU cores."""
+  c.model.name = "vit_micro8"
+  c.data.update(dict(source="demo", image_size=64, demo_num_images=2048))
+  c.batch_size = 32
+  c.total_epochs = 0.0
+  c.total_steps = 300
+  c.optim.warmup_epochs = 0.0
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 100
+
+
+def vit_test_overrides(c: ml_collections.ConfigDict) -> None:
+  """Tiny: ViT-micro/8 at 32 px (16 patch tokens, 4 kept with DILEMMA), 8 fake devices."""
+  c.model.name = "vit_micro8"
+  c.data.update(dict(source="demo", image_size=32, demo_num_images=64))
+  c.batch_size = 16
+  c.total_epochs = 0.0
+  c.total_steps = 4
+  c.optim.warmup_epochs = 0.0
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 2
+
+
+def vit_fmnist_scenes_overrides(c: ml_collections.ConfigDict) -> None:
+  """The scenes' protocol (`fmnist_scenes_protocol`) with ViT-micro/8 at 96 px: 12 x 12
+  tokens, 4 x 4 per 32 px garment cell."""
+  fmnist_scenes_protocol(c)
+  c.model.name = "vit_micro8"
+  c.optim.warmup_epochs = 0.0

@@ -1,7 +1,9 @@
-r"""Exports a pretrained ResNet backbone to PyTorch users' formats.
+r"""Exports a pretrained backbone to PyTorch users' formats: ResNets to torchvision/detectron2,
+ViTs to timm.
 
     python -m dense_ssl.export --workdir=DIR --format=torchvision   # DIR/export/backbone_torchvision.pth
     python -m dense_ssl.export --workdir=DIR --format=detectron2    # DIR/export/backbone_detectron2.pkl
+    python -m dense_ssl.export --workdir=DIR --format=timm          # DIR/export/backbone_timm.pth (ViT)
 
 Options: `--step=N` exports checkpoint N instead of the latest, `--output=PATH` picks the file
 (`.pth` is written with torch.save and needs `pip install "dense_ssl[torch]"`; `.pkl` is a plain
@@ -48,6 +50,24 @@ stride in the 3x3 conv, so every run needs
   `configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml` plus the overrides above and
   `MODEL.FPN.NORM SyncBN` (MoCo/DenseCL use SyncBN in the new FPN layers too).
 
+timm format (ViTs): a `timm` VisionTransformer `state_dict` (`cls_token`, `pos_embed`,
+`patch_embed.proj.weight`, `blocks.0.norm1.weight`, `blocks.0.attn.qkv.weight`,
+`blocks.0.attn.proj.weight`, `blocks.0.mlp.fc1.weight`, ..., `norm.weight`) without `head.*`:
+
+    model = timm.create_model("vit_small_patch16_224")       # vit_tiny_/vit_base_patch16_224
+    missing, unexpected = model.load_state_dict(torch.load(path), strict=False)
+    # missing == ["head.weight", "head.bias"], unexpected == []  (or num_classes=0: strict)
+
+Our class token gets no position embedding (timm's `no_embed_class`, as DILEMMA's ViT); timm's
+default ViT adds `pos_embed[:, 0]` to it, so the export writes a zero there and the default
+model computes exactly our features (tests/test_export.py: a functional PyTorch forward on a
+photo). The table keeps the grid it was trained on (14 x 14 at 224 px); a model trained at
+another size loads into `timm.create_model(..., img_size=<that size>)`. The attention's
+query/key/value kernels (D, heads, head_dim) become timm's fused `qkv` (3D, D) rows [q; k; v],
+head-major, as timm splits them; LayerScale is `ls1.gamma`/`ls2.gamma` (`init_values`); a
+mask token (ConMIM) has no timm counterpart and is not exported. Inputs are normalised as in
+training (ImageNet mean/std, RGB).
+
 Running statistics: flax updates the running variance with the biased batch variance where torch
 uses the unbiased one (see `dense_ssl.models.resnet`); `num_batches_tracked` is written as 0
 because BatchNorm with a momentum never reads it.
@@ -71,7 +91,7 @@ import numpy as np
 from dense_ssl import extras
 
 # Per backbone family, the formats it exports to.
-FORMATS = {"resnet": ("torchvision", "detectron2")}
+FORMATS = {"resnet": ("torchvision", "detectron2"), "vit": ("timm",)}
 
 # Submodules of a block, in torchvision's state_dict order, and their torchvision names.
 _BLOCK_LAYERS = (("conv1", "conv1"), ("bn1", "bn1"), ("conv2", "conv2"), ("bn2", "bn2"),
@@ -161,10 +181,72 @@ def to_detectron2(params: dict, batch_stats: dict) -> dict[str, Any]:
   return {"model": model, "__author__": "dense_ssl", "matching_heuristics": True}
 
 
+def _linear(p: dict) -> tuple[np.ndarray, np.ndarray]:
+  """flax Dense {kernel (in, out), bias} -> torch Linear (weight (out, in), bias)."""
+  return np.ascontiguousarray(_float32(p["kernel"]).T), _float32(p["bias"])
+
+
+def _timm_block(p: dict, prefix: str) -> dict[str, np.ndarray]:
+  attn = p["attn"]
+  width = _float32(attn["out"]["kernel"]).shape[-1]
+  # (D, heads, head_dim) -> (D, D) -> torch (out, in); timm reads qkv rows as [q; k; v], each
+  # head-major, which is the flattening of (heads, head_dim).
+  qkv_w = [_float32(attn[n]["kernel"]).reshape(width, width).T for n in ("query", "key", "value")]
+  qkv_b = [_float32(attn[n]["bias"]).reshape(width) for n in ("query", "key", "value")]
+  out = {f"{prefix}.norm1.weight": _float32(p["norm1"]["scale"]),
+         f"{prefix}.norm1.bias": _float32(p["norm1"]["bias"]),
+         f"{prefix}.attn.qkv.weight": np.ascontiguousarray(np.concatenate(qkv_w)),
+         f"{prefix}.attn.qkv.bias": np.concatenate(qkv_b),
+         f"{prefix}.attn.proj.weight": np.ascontiguousarray(
+             _float32(attn["out"]["kernel"]).reshape(width, width).T),
+         f"{prefix}.attn.proj.bias": _float32(attn["out"]["bias"])}
+  if "ls1" in p:
+    out[f"{prefix}.ls1.gamma"] = _float32(p["ls1"])
+  out[f"{prefix}.norm2.weight"] = _float32(p["norm2"]["scale"])
+  out[f"{prefix}.norm2.bias"] = _float32(p["norm2"]["bias"])
+  out[f"{prefix}.mlp.fc1.weight"], out[f"{prefix}.mlp.fc1.bias"] = _linear(p["mlp_fc1"])
+  out[f"{prefix}.mlp.fc2.weight"], out[f"{prefix}.mlp.fc2.bias"] = _linear(p["mlp_fc2"])
+  if "ls2" in p:
+    out[f"{prefix}.ls2.gamma"] = _float32(p["ls2"])
+  return out
+
+
+def to_timm(params: dict, batch_stats: dict | None = None) -> dict[str, np.ndarray]:
+  """The ViT's flax params as a timm VisionTransformer state_dict (numpy, no `head.*`; module
+  docstring), in timm's state_dict order."""
+  del batch_stats  # A ViT has none.
+  blocks = sorted((k for k in params if re.fullmatch(r"block\d+", k)), key=lambda k: int(k[5:]))
+  if "patch_embed" not in params or not blocks:
+    raise ValueError(f"These params do not look like a dense_ssl ViT (top-level keys "
+                     f"{sorted(params)}); pass the backbone's own tree, state.params['backbone'].")
+  pos = _float32(params["pos_embed"])
+  state = {"cls_token": _float32(params["cls_token"]),
+           # A zero position for the cls token: timm's default ViT adds it, ours has none.
+           "pos_embed": np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1),
+           "patch_embed.proj.weight": np.ascontiguousarray(
+               _float32(params["patch_embed"]["kernel"]).transpose(3, 2, 0, 1)),
+           "patch_embed.proj.bias": _float32(params["patch_embed"]["bias"])}
+  for i, block in enumerate(blocks):
+    state.update(_timm_block(params[block], f"blocks.{i}"))
+  state["norm.weight"] = _float32(params["norm"]["scale"])
+  state["norm.bias"] = _float32(params["norm"]["bias"])
+  return state
+
+
+def _probe_size(backbone: Any, variables: dict[str, Any]) -> int:
+  """An image side at which `backbone` creates the shapes of `variables`: a ViT's position
+  table is sized by the image it is initialised on."""
+  if backbone.family != "vit":
+    return 64
+  table = np.shape(variables.get("params", {}).get("pos_embed", np.zeros((1, 16, 1))))
+  return int(round(table[1]**0.5)) * backbone.stride
+
+
 def check_backbone(backbone: Any, variables: dict[str, Any]) -> None:
   """Raises if `variables` are not exactly those of `backbone` (a `models.Backbone`)."""
   module = backbone.eval_module()
-  expected = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
+  size = _probe_size(backbone, variables)
+  expected = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
                                                 train=False))
   expected = {"params": expected["params"], "batch_stats": expected.get("batch_stats", {})}
   for what in ("params", "batch_stats"):
@@ -236,7 +318,7 @@ def available_formats(backbone: Any) -> list[str]:
 
 
 def default_output(workdir: str, format: str) -> str:  # pylint: disable=redefined-builtin
-  """<workdir>/export/backbone_<format>.pth (torchvision) or .pkl (detectron2)."""
+  """<workdir>/export/backbone_<format>.pth (torchvision, timm) or .pkl (detectron2)."""
   ext = "pkl" if format == "detectron2" else "pth"
   return os.path.join(workdir, "export", f"backbone_{format}.{ext}")
 
@@ -246,7 +328,8 @@ def export(backbone: Any, variables: dict[str, Any], format: str,  # pylint: dis
   """Checks `variables` against `backbone`, converts them to `format`, writes `output`."""
   _check_format(format, backbone.family)
   check_backbone(backbone, variables)
-  convert = to_torchvision if format == "torchvision" else to_detectron2
+  convert = {"torchvision": to_torchvision, "detectron2": to_detectron2,
+             "timm": to_timm}[format]
   save(convert(variables["params"], variables.get("batch_stats", {})), output)
   return output
 

@@ -224,3 +224,28 @@ def bce_with_logits_mean(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Mean binary cross-entropy with logits over all entries (torch's BCEWithLogitsLoss)."""
   logits = at_least_f32(logits)
   return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype)))
+
+
+# ---------------------------------------------------------------------------------------------
+# SimCLR.
+# ---------------------------------------------------------------------------------------------
+
+
+def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
+  """SimCLR's NT-Xent as its official `add_contrastive_loss`: loss_a + loss_b.
+
+  Row i of view 1 has the positive z2[i] and the 2N - 2 negatives z1[j], z2[j] (j != i), and
+  symmetrically; each direction is the mean CE over its N rows, and the two are summed (so
+  the value is twice the mean over all 2N rows). `z1`, `z2` (N, D) are the whole global batch:
+  under jit that is every device's and process's examples (the official code all-gathers).
+  """
+  h1, h2 = l2_normalize(at_least_f32(z1)), l2_normalize(at_least_f32(z2))
+  n = h1.shape[0]
+  self_mask = jnp.eye(n, dtype=bool)
+  same = lambda a: jnp.where(self_mask, -jnp.inf, a @ a.T / temperature)
+  cross = h1 @ h2.T / temperature
+  labels = jnp.arange(n, dtype=jnp.int32)
+  ce = optax.softmax_cross_entropy_with_integer_labels
+  loss_a = jnp.mean(ce(jnp.concatenate([cross, same(h1)], axis=1), labels))
+  loss_b = jnp.mean(ce(jnp.concatenate([cross.T, same(h2)], axis=1), labels))
+  return loss_a + loss_b

@@ -11,7 +11,8 @@
     frozen            regexes of parameters that never change (MoCo-v3's patch embedding)
     freeze_early      regexes of parameters held fixed for the first freeze_early_epochs (DINO's
                       last layer in epoch 1)
-    clip_grad_norm    > 0 clips the gradient to this global norm first
+    clip_grad_norm    > 0 clips the gradient to this global norm first; with
+    clip_grad_per_tensor, each parameter tensor to this norm on its own (DINO's clip_gradients)
 
 SGD follows torch.optim.SGD as MoCo/DenseCL use it (decay added to the gradient of every
 parameter not in `no_decay`, before the momentum buffer); AdamW decays decoupled, scaled by
@@ -133,6 +134,23 @@ def add_decayed_weights(schedule: optax.Schedule, mask: Any) -> optax.GradientTr
   return optax.GradientTransformation(init, update)
 
 
+def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
+  """DINO's `clip_gradients`: each tensor g with ||g|| > max_norm is scaled by
+  max_norm / (||g|| + 1e-6); the others are left as they are."""
+
+  def update(updates, state, params=None):
+    del params
+
+    def clip(g):
+      norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+      coef = max_norm / (norm + 1e-6)
+      return jnp.where(coef < 1.0, g * coef.astype(g.dtype), g)
+
+    return jax.tree.map(clip, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 class _HoldState(NamedTuple):
   count: jax.Array
 
@@ -185,7 +203,9 @@ def create_optimizer(optim_cfg: Any, lr_fn: optax.Schedule, params: Any,
   if any_frozen:  # frozen gradients count in no norm and feed no momentum
     parts.append(hold(frozen))
   if optim_cfg.get("clip_grad_norm", 0.0) > 0:
-    parts.append(optax.clip_by_global_norm(optim_cfg.clip_grad_norm))
+    parts.append(clip_per_tensor(optim_cfg.clip_grad_norm)
+                 if optim_cfg.get("clip_grad_per_tensor", False)
+                 else optax.clip_by_global_norm(optim_cfg.clip_grad_norm))
   parts += core
   early = tuple(optim_cfg.get("freeze_early", ()))
   if early:

@@ -129,6 +129,22 @@ def test_heads_time_what_the_dense_methods_add_to_mocov2(capsys):
                      text, re.M)
 
 
+def test_vit_sparse_student_and_local_crops_cost_in_proportion_to_their_tokens(capsys):
+  from benchmarks import vit  # pylint: disable=g-import-not-at-top
+  results = vit.main(["--model=vit_micro8", "--size=64", "--local_size=32", "--batch=2",
+                      "--repeats=1", "--iters=1", "--no_step"])
+  text = capsys.readouterr().out
+  # 64 patch tokens, 16 kept (+ cls): 17/65 = 0.262; a 32 px crop: 17 tokens too.
+  match = re.search(rf"^DILEMMA/dense student fwd\+bwd: time {NUMBER}, XLA FLOPs {NUMBER}, "
+                    r"tokens 0.262$", text, re.M)
+  assert match, text
+  assert 0.15 < float(match[2]) < 0.35  # linear layers scale with tokens, attention faster
+  assert re.search(rf"^DINO local/global crop fwd\+bwd \(32/64 px\): time {NUMBER}, XLA FLOPs "
+                   rf"{NUMBER}, tokens 0.262$", text, re.M), text
+  assert set(results) == {"DILEMMA/dense student fwd+bwd",
+                          "DINO local/global crop fwd+bwd (32/64 px)"}
+
+
 def test_backbone_compares_xla_defaults_with_the_cpu_options_and_gradients(capsys):
   from benchmarks import backbone  # pylint: disable=g-import-not-at-top
   rows = backbone.main(["--specs=resnet18/64/2", "--repeats=1"])

@@ -145,6 +145,28 @@ def test_vit_features_are_the_class_token_and_the_patch_grid():
     features.extract(vit, variables, images, with_c4=True)
 
 
+def test_every_evaluator_runs_on_a_vit():
+  """The fmnist_scenes protocol's four evaluators on ViT-micro/8 (table initialised at 32 px and
+  interpolated to the evaluators' sizes): the linear probe and k-NN read the class token, the
+  dense probe and correspondence the patch tokens on their grid (stride = the patch)."""
+  vit = models.Backbone("vit_micro8", models.get_backbone("vit_micro8"))
+  variables = features.init_variables(vit, seed=0, image_size=32)
+  evals = evaluate.from_config({
+      "linear": {"type": "linear", "num_train": 60, "num_test": 40, "image_size": 32,
+                 "steps": 50},
+      "knn": {"type": "knn", "num_train": 60, "num_test": 40, "image_size": 32},
+      "dense": {"type": "dense", "num_train": 16, "num_test": 8, "steps": 20},
+      "corr": {"type": "correspondence", "num_pairs": 8, "scene_size": 64, "image_size": 64}},
+      vit)
+  results = evaluate.run_all(evals, variables)
+  assert 0.0 <= results["linear/top1"] <= 1.0 and 0.0 <= results["knn/top1"] <= 1.0
+  assert 0.0 <= results["dense/miou"] <= 1.0
+  assert 0.0 <= results["corr/argmax_acc_exact"] <= results["corr/argmax_acc"] <= 1.0
+  assert 0.0 < results["corr/chance_acc"] < 1.0
+  # Matching patch tokens beats chance even untrained (8 x 8 grids of 8 px patches).
+  assert results["corr/argmax_acc"] > results["corr/chance_acc"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Exact answers.
 # ---------------------------------------------------------------------------------------------

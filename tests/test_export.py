@@ -258,3 +258,112 @@ def test_cli_exports_a_training_checkpoint(tmp_path):
     older = pickle.load(f)["model"]
   np.testing.assert_allclose(older["stem.conv1.norm.running_mean"],
                              np.asarray(stats1["bn1"]["mean"]), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# ViTs to timm.
+# ---------------------------------------------------------------------------------------------
+
+TIMM_MANIFEST = pathlib.Path(__file__).parent / "data" / "timm_vit_small_patch16_224_keys.txt"
+
+
+def random_vit(name: str, size: int, **options) -> tuple[models.Backbone, dict]:
+  """A ViT backbone and params drawn away from init (LayerNorm affine, positions, biases), so
+  every converted tensor matters in the forward."""
+  backbone = models.Backbone(name, models.get_backbone(name, **options))
+  shapes = jax.eval_shape(lambda: backbone.module.init(KEY, jnp.zeros((1, size, size, 3))))
+  rng = np.random.default_rng(3)
+
+  def draw(path, s):
+    leaf = path[-1].key
+    if leaf == "scale" or leaf.startswith("ls"):
+      return 1.0 + 0.3 * rng.standard_normal(s.shape)
+    fan_in = np.prod(s.shape[:-1]) if leaf == "kernel" and len(s.shape) > 1 else 1
+    std = 1.0 / np.sqrt(fan_in) if leaf == "kernel" else 0.1
+    return std * rng.standard_normal(s.shape)
+
+  params = jax.tree_util.tree_map_with_path(lambda p, s: np.asarray(draw(p, s), np.float32),
+                                            shapes["params"])
+  return backbone, params
+
+
+def torch_vit(sd: dict, x, num_heads: int):
+  """timm's VisionTransformer forward (class token, pre-norm blocks, final norm), from
+  `torch.nn.functional` alone, driven by the state_dict; returns all tokens."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+  w = sd["patch_embed.proj.weight"]
+  x = F.conv2d(x, w, sd["patch_embed.proj.bias"], stride=w.shape[-1]).flatten(2).transpose(1, 2)
+  x = torch.cat([sd["cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + sd["pos_embed"]
+  width = x.shape[-1]
+  norm = lambda y, p: F.layer_norm(y, (width,), sd[f"{p}.weight"], sd[f"{p}.bias"], eps=1e-6)
+  block = 0
+  while f"blocks.{block}.norm1.weight" in sd:
+    p = f"blocks.{block}"
+    y = norm(x, f"{p}.norm1")
+    n, length, _ = y.shape
+    qkv = F.linear(y, sd[f"{p}.attn.qkv.weight"], sd[f"{p}.attn.qkv.bias"])
+    q, k, v = qkv.reshape(n, length, 3, num_heads, width // num_heads).permute(2, 0, 3, 1, 4)
+    attn = torch.softmax(q @ k.transpose(-2, -1) * (width // num_heads)**-0.5, dim=-1)
+    y = (attn @ v).transpose(1, 2).reshape(n, length, width)
+    y = F.linear(y, sd[f"{p}.attn.proj.weight"], sd[f"{p}.attn.proj.bias"])
+    x = x + y * sd.get(f"{p}.ls1.gamma", 1.0)
+    y = norm(x, f"{p}.norm2")
+    y = F.gelu(F.linear(y, sd[f"{p}.mlp.fc1.weight"], sd[f"{p}.mlp.fc1.bias"]))
+    y = F.linear(y, sd[f"{p}.mlp.fc2.weight"], sd[f"{p}.mlp.fc2.bias"])
+    x = x + y * sd.get(f"{p}.ls2.gamma", 1.0)
+    block += 1
+  return norm(x, "norm")
+
+
+def test_timm_names_and_shapes_match_vit_small_patch16_224():
+  rows = []
+  for line in TIMM_MANIFEST.read_text().splitlines():
+    if line and not line.startswith("#"):
+      name, shape = line.split("\t")
+      rows.append((name, tuple(int(d) for d in shape.split(","))))
+  assert sum(int(np.prod(s)) for _, s in rows) == 22_050_664
+  _, params = random_vit("vit_s16", 224)
+  state = export.to_timm(params)
+  # timm's names, shapes and order, without the classifier (load_state_dict(strict=False)
+  # reports exactly head.weight and head.bias missing).
+  assert [(k, v.shape) for k, v in state.items()] == [r for r in rows
+                                                      if not r[0].startswith("head.")]
+  assert all(v.dtype == np.float32 for v in state.values())
+  np.testing.assert_array_equal(state["pos_embed"][0, 0], 0.0)  # the cls token's position
+  np.testing.assert_array_equal(state["pos_embed"][0, 1:], params["pos_embed"][0])
+
+
+@pytest.mark.parametrize("name,size,options,heads", [
+    ("vit_s16", 224, {}, 6),
+    ("vit_micro8", 48, {"layer_scale": 0.1, "use_mask_token": True}, 2),
+])
+def test_timm_forward_of_the_exported_weights_matches_jax(name, size, options, heads, tmp_path):
+  """The exported file, loaded with torch, through timm's forward (written out in torch ops),
+  gives our tokens on a photo: ViT-S/16 at 224 (the default timm model), and a ViT with
+  LayerScale trained at 48 px (its table on a 6 x 6 grid; the mask token is not exported)."""
+  torch = pytest.importorskip("torch")
+  backbone, params = random_vit(name, size, **options)
+  path = export.export(backbone, {"params": params, "batch_stats": {}}, "timm",
+                       str(tmp_path / "backbone_timm.pth"))
+  sd = torch.load(path)
+  assert "mask_token" not in sd and ("blocks.0.ls1.gamma" in sd) == bool(options)
+  img = photos(size)[:1]
+  ours = np.asarray(jax.jit(backbone.eval_module().apply)({"params": params}, img))
+  with torch.no_grad():
+    theirs = torch_vit(sd, torch.from_numpy(img.transpose(0, 3, 1, 2).copy()), heads).numpy()
+  assert theirs.shape == ours.shape == (1, 1 + (size // backbone.stride)**2,
+                                        backbone.num_features)
+  np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4 * np.abs(ours).max())
+
+
+def test_timm_export_rejects_other_trees():
+  with pytest.raises(ValueError, match="dense_ssl ViT"):
+    export.to_timm({"backbone": {}})
+  backbone, params = random_vit("vit_micro8", 32)
+  export.check_backbone(backbone, {"params": params})  # its own 4 x 4 table is fine
+  with pytest.raises(ValueError, match="do not match 'vit_ti16'"):
+    export.check_backbone(models.Backbone("vit_ti16", models.get_backbone("vit_ti16")),
+                          {"params": params})
+  with pytest.raises(ValueError, match="valid formats: timm"):
+    export.export(backbone, {"params": params}, "torchvision", "/tmp/never.pth")

@@ -103,3 +103,38 @@ def test_groups_stay_on_their_devices():
   for op in ("all-gather", "all-to-all", "collective-permute"):
     assert op not in hlo, op
   assert "all-reduce" in hlo
+
+
+class _TokenBN(nn.Module):
+  """A module with a per-example argument (like a ViT's keep_idx): gathers, then BatchNorm."""
+
+  @nn.compact
+  def __call__(self, x, train=True, *, keep_idx=None):
+    x = jnp.take_along_axis(x, keep_idx[..., None], axis=1).mean(axis=1)
+    x = nn.Dense(4)(x)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+
+
+def test_batch_kwargs_are_permuted_and_grouped_with_the_inputs():
+  x = jax.random.normal(jax.random.key(0), (16, 5, 3)) + jnp.arange(16)[:, None, None] / 4
+  keep = jax.random.randint(jax.random.key(1), (16, 2), 0, 5)
+  variables = _TokenBN().init(jax.random.key(2), x[:2], keep_idx=keep[:2])
+  rng = jax.random.key(5)
+  out, stats = families.apply_grouped(_TokenBN(), variables, x, groups=4, shuffle_rng=rng,
+                                      batch_kwargs={"keep_idx": keep})
+  perm = np.asarray(jax.random.permutation(rng, 16))
+  outs, means = [], []
+  for idx in np.split(perm, 4):
+    o, upd = _TokenBN().apply(variables, x[idx], keep_idx=keep[idx], mutable=["batch_stats"])
+    outs.append(o)
+    means.append(upd["batch_stats"])
+  ref = np.concatenate(outs)[np.argsort(perm)]
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  ref_stats = jax.tree.map(lambda *s: jnp.mean(jnp.stack(s), 0), *means)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats,
+               ref_stats)
+  # One group: the argument passes straight through.
+  whole, _ = families.apply_grouped(_TokenBN(), variables, x, groups=1,
+                                    batch_kwargs={"keep_idx": keep})
+  np.testing.assert_allclose(whole, _TokenBN().apply(variables, x, keep_idx=keep,
+                                                     mutable=["batch_stats"])[0], rtol=1e-6)

@@ -17,13 +17,13 @@ LEVELS = (
     ("dense_ssl.losses", "dense_ssl.matchers", "dense_ssl.queues", "dense_ssl.ema",
      "dense_ssl.registry", "dense_ssl.config_errors", "dense_ssl.xla_cpu", "dense_ssl.optim",
      "dense_ssl.state", "dense_ssl.sharding", "dense_ssl.parity", "dense_ssl.data.spec",
-     "dense_ssl.data.augment", "dense_ssl.data.scenes"),
+     "dense_ssl.data.augment", "dense_ssl.data.scenes", "dense_ssl.extras"),
     ("dense_ssl.models",),
     ("dense_ssl.methods",),
     ("dense_ssl.data",),  # the host pipeline: views, sources, pipeline
     ("dense_ssl.evaluate", "dense_ssl.checkpoint", "dense_ssl.export",
      "dense_ssl.visualize_matches"),
-    ("dense_ssl.train", "dense_ssl.main"),
+    ("dense_ssl.train", "dense_ssl.main", "dense_ssl.scripts"),
 )
 
 

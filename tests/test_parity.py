@@ -211,6 +211,43 @@ def _houghcl_case(path, *, n=3, s=5, c=20, d=12, k=40, t=0.2, seed=11):
            case=np.int32(2), seed=np.int64(seed))
 
 
+def _dilemma_case(path, *, n=3, s=5, d=12, dp=6, drop=0.75, p=0.2, t=0.2, lam=0.7, seed=11):
+  """Writes a DILEMMA vector file (METHODS.md §3 keys) from a float64 numpy reference."""
+  rng = np.random.default_rng(seed)
+  length = s * s
+  keep = int(length * (1 - drop))
+  patches = rng.normal(size=(2, n, length, d))
+  pos_embed = rng.normal(size=(length, d))
+  ids = np.argsort(rng.random((2, n, length)), axis=-1).astype(np.int32)
+  labels = (rng.random((2, n, keep)) < p).astype(np.int32)
+  labels[:, 0, 0] = 1  # at least one wrong token per view
+  wrong = ids[..., length - keep:] if keep < length else ids[..., ::-1]
+  kept = ids[..., :keep]
+  input_pos = np.where(labels == 1, wrong, kept)
+  tokens = np.take_along_axis(patches, kept[..., None], axis=2) + pos_embed[input_pos]
+  w_head, b_head = rng.normal(size=(d, 1)) * 0.3, rng.normal(size=(1,)) * 0.1
+  logits = (tokens @ w_head)[..., 0] + b_head[0]
+  bce = np.mean(np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits))),
+                axis=(1, 2))
+  q1, q2, k1, k2 = (rng.normal(size=(n, dp)) for _ in range(4))
+
+  def ctr(q, k):
+    q, k = _l2n(q), _l2n(k)
+    z = q @ k.T / t
+    mx = z.max(1, keepdims=True)
+    return np.mean(np.log(np.exp(z - mx).sum(1)) + mx[:, 0] - np.diag(z)) * 2 * t
+
+  c12, c21 = ctr(q1, k2), ctr(q2, k1)
+  np.savez(path, S=np.int32(s), drop_rate=np.float64(drop), keep=np.int32(keep),
+           dilemma_probability=np.float64(p), T=np.float64(t), lam=np.float64(lam),
+           patches=patches, pos_embed=pos_embed, ids_shuffle=ids, labels=labels,
+           wrong_pos=wrong.astype(np.int32), W_head=w_head, b_head=b_head, q1=q1, q2=q2, k1=k1,
+           k2=k2, kept_pos=kept.astype(np.int32), input_pos=input_pos.astype(np.int32),
+           tokens_in=tokens, logits=logits, bce=bce, bce_mean=bce.mean(), ctr_q1k2=c12,
+           ctr_q2k1=c21, total=c12 + c21 + lam * bce.mean(), case=np.int32(2),
+           seed=np.int64(seed))
+
+
 def _assert_all_pass(rows):
   failed = [str(row) for row in rows if not row.passed]
   assert not failed, "\n".join(failed)
@@ -245,6 +282,20 @@ def test_generated_houghcl_case_of_other_sizes_passes(tmp_path):
   path = tmp_path / "houghcl_gen.npz"
   _houghcl_case(path)
   _assert_all_pass(parity.check_file(str(path)))
+
+
+@pytest.mark.parametrize("sizes", [dict(), dict(n=4, s=6, d=8, dp=5, drop=0.75, seed=3),
+                                   dict(n=2, s=7, d=16, dp=4, drop=0.5, seed=5)],
+                         ids=["S5", "S6", "S7_drop0.5"])
+def test_generated_dilemma_cases_of_other_sizes_pass(sizes, tmp_path):
+  """Other N, S (odd and even L), D, projection width, λ and drop rate than the shipped case,
+  through the runner as `python -m dense_ssl.parity` uses it."""
+  path = tmp_path / "dilemma_gen.npz"
+  _dilemma_case(path, **sizes)
+  rows = parity.check_file(str(path))
+  assert {"wrong_pos (rule)", "input_pos", "tokens_in", "bce", "total"} <= {r.name for r in rows}
+  _assert_all_pass(rows)
+  assert parity.main([str(path)]) == 0
 
 
 def test_cli_reports_a_corrupted_file(tmp_path, capsys):

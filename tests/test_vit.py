@@ -208,3 +208,48 @@ def test_position_table_is_interpolated_to_other_crop_sizes():
   ramp = jnp.broadcast_to(jnp.arange(8.0)[:, None, None], (8, 8, 1)).reshape(1, 64, 1)
   half = vit.resize_pos_embed(ramp, (4, 4)).reshape(4, 4)
   np.testing.assert_allclose(np.diff(half[1:3, 0]), 2.0, rtol=1e-5)
+
+
+def _moco_v3_sincos(side: int, width: int) -> np.ndarray:
+  """moco-v3 vits.py `build_2d_sincos_position_embedding`, in numpy (torch.meshgrid is 'ij')."""
+  grid_w, grid_h = np.meshgrid(np.arange(side, dtype=np.float64),
+                               np.arange(side, dtype=np.float64), indexing="ij")
+  pos_dim = width // 4
+  omega = 1.0 / 10000.0**(np.arange(pos_dim) / pos_dim)
+  out_w = np.einsum("m,d->md", grid_w.ravel(), omega)
+  out_h = np.einsum("m,d->md", grid_h.ravel(), omega)
+  return np.concatenate([np.sin(out_w), np.cos(out_w), np.sin(out_h), np.cos(out_h)], axis=1)
+
+
+def test_sincos_position_table_is_moco_v3s_and_gets_no_gradient():
+  model = vit.ViT(patch_size=8, width=32, depth=1, num_heads=2, pos_embed="sincos")
+  x = jnp.asarray(photos(48))
+  variables = jax.jit(model.init)(KEY, x)
+  table = variables["params"]["pos_embed"]
+  assert table.shape == (1, 36, 32)
+  np.testing.assert_allclose(table[0], _moco_v3_sincos(6, 32), rtol=1e-5, atol=1e-6)
+  grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2))(variables["params"])
+  np.testing.assert_array_equal(grads["pos_embed"], 0.0)
+  assert np.abs(grads["cls_token"]).max() > 0
+  learned = vit.ViT(patch_size=8, width=32, depth=1, num_heads=2)
+  g = jax.grad(lambda p: jnp.sum(learned.apply({"params": p}, x) ** 2))(
+      jax.jit(learned.init)(KEY, x)["params"])
+  assert np.abs(g["pos_embed"]).max() > 0
+  with pytest.raises(ValueError, match="valid choices: learned, sincos"):
+    jax.eval_shape(lambda: vit.ViT(8, 32, 1, 2, pos_embed="rope").init(KEY, x))
+  with pytest.raises(ValueError, match="divisible by 4"):
+    vit.sincos_table(4, 30)
+
+
+@pytest.mark.parametrize("side,grid", [(14, (6, 6)), (4, (8, 8)), (14, (5, 7))])
+def test_position_table_resizing_is_torch_bicubic(side, grid):
+  """timm's resample_abs_pos_embed / DINO's interpolate_pos_encoding call torch's bicubic
+  F.interpolate (A = -0.75, align_corners=False); jax.image.resize's Keys kernel differs by
+  ~10 % of the values."""
+  torch = pytest.importorskip("torch")
+  table = np.random.default_rng(0).normal(size=(1, side * side, 8)).astype(np.float32)
+  ours = np.asarray(vit.resize_pos_embed(jnp.asarray(table), grid)).reshape(*grid, 8)
+  theirs = torch.nn.functional.interpolate(
+      torch.from_numpy(table).reshape(1, side, side, 8).permute(0, 3, 1, 2), size=grid,
+      mode="bicubic", align_corners=False).permute(0, 2, 3, 1)[0].numpy()
+  np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -10,3 +10,7 @@ from dense_ssl.methods import houghcl
 from dense_ssl.methods import dilemma
 from dense_ssl.methods import univip
 from dense_ssl.methods import conmim
+from dense_ssl.methods import vit_hosts
+from dense_ssl.methods import mocov3
+from dense_ssl.methods import simclr
+from dense_ssl.methods import dino

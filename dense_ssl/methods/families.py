@@ -46,6 +46,7 @@ def _data_devices() -> int:
 
 def apply_grouped(module: nn.Module, variables: base.Variables, x: jax.Array, *, groups: int,
                   train: bool = True, shuffle_rng: jax.Array | None = None,
+                  batch_kwargs: dict[str, jax.Array] | None = None,
                   **kwargs) -> tuple[Any, Any]:
   """Applies `module` to `x` with BatchNorm statistics per group; returns (outputs, batch_stats).
 
@@ -57,14 +58,18 @@ def apply_grouped(module: nn.Module, variables: base.Variables, x: jax.Array, *,
     train: training mode (batch statistics) or eval mode (running averages).
     shuffle_rng: when given, the batch is permuted before the forward pass and the outputs
       are permuted back (shuffle-BN), so BN groups mix images from the whole global batch.
-    **kwargs: passed to the module's `__call__`.
+    batch_kwargs: more `__call__` arguments whose leading axis is the batch (e.g. a ViT's
+      `keep_idx`/`pos_idx`): permuted and grouped together with `x`.
+    **kwargs: passed to the module's `__call__` as they are.
 
   Returns the outputs (any pytree whose leaves have the batch as leading axis) in the original
   batch order, and the new batch statistics (averaged over groups), or the old ones when not
   training.
   """
   has_bn = "batch_stats" in variables
+  batch_kwargs = dict(batch_kwargs or {})
   if not train or groups == 1:
+    kwargs = {**kwargs, **batch_kwargs}
     if train and has_bn:
       out, upd = module.apply(variables, x, train=True, mutable=["batch_stats"], **kwargs)
       return out, upd["batch_stats"]
@@ -77,20 +82,22 @@ def apply_grouped(module: nn.Module, variables: base.Variables, x: jax.Array, *,
   if groups % devices:
     raise ValueError(f"{groups} BatchNorm groups cannot be spread over {devices} devices; "
                      f"use a multiple of {devices} (config.method.bn_groups).")
+  inputs = (x, batch_kwargs)
   if shuffle_rng is not None:
     perm = jax.random.permutation(shuffle_rng, batch)
-    x = jnp.take(x, perm, axis=0)
-  xg = x.reshape((groups, batch // groups) + x.shape[1:])
+    inputs = jax.tree.map(lambda a: jnp.take(a, perm, axis=0), inputs)
+  grouped = jax.tree.map(lambda a: a.reshape((groups, batch // groups) + a.shape[1:]), inputs)
   if devices > 1:
-    xg = jax.lax.with_sharding_constraint(xg, P("data"))
+    grouped = jax.lax.with_sharding_constraint(grouped, P("data"))
 
-  def one(xi):
+  def one(xi, kw):
     if has_bn:
-      out, upd = module.apply(variables, xi, train=True, mutable=["batch_stats"], **kwargs)
+      out, upd = module.apply(variables, xi, train=True, mutable=["batch_stats"], **kw,
+                              **kwargs)
       return out, upd["batch_stats"]
-    return module.apply(variables, xi, train=True, **kwargs), {}
+    return module.apply(variables, xi, train=True, **kw, **kwargs), {}
 
-  out, stats = jax.vmap(one)(xg)
+  out, stats = jax.vmap(one)(*grouped)
   out = jax.tree.map(lambda o: o.reshape((-1,) + o.shape[2:]), out)
   stats = jax.tree.map(lambda s: s.mean(axis=0), stats)
   if shuffle_rng is not None:

@@ -3,8 +3,11 @@
 * `MocoNeck`: MoCo-v2's `NonLinearNeckV1` (avgpool -> fc1 -> ReLU -> fc2).
 * `DenseCLNeck`: DenseCL's neck, a global MLP branch and a dense 1x1-conv branch.
 * `MLPHead`: Linear -> BN -> ReLU -> Linear, BYOL's projector/predictor.
+* `ProjectionMLP`: MoCo v3's projector/predictor (bias-free Linear, BN, last BN without
+  affine), also SimCLR's projector here.
+* `DINOHead`: DINO's MLP, L2 normalisation and weight-normalised last layer (`WeightNormDense`).
 
-Initialisation follows the official DenseCL/MoCo code (OpenSelfSup `_init_weights(...,
+Initialisation of the first three follows the official DenseCL/MoCo code (OpenSelfSup `_init_weights(...,
 init_linear="kaiming")`): Linear layers Kaiming-normal with fan_in and ReLU gain and zero bias.
 That code only touches Linear/BN layers, so the dense 1x1 convs keep PyTorch's default Conv2d
 init (kaiming_uniform with a=sqrt(5), bias uniform in +-1/sqrt(fan_in)).
@@ -126,3 +129,88 @@ class MLPHead(nn.Module):
                        dtype=self.dtype, name="bn1")(x)
     x = nn.relu(x)
     return _dense(self.dim, "fc2", self.dtype)(x)
+
+
+class ProjectionMLP(nn.Module):
+  """MoCo v3's `_build_mlp` (also its SimCLR-style projector): `num_layers` bias-free Linear
+  layers `fc{i}`, BatchNorm + ReLU between them, and a last BatchNorm without affine
+  parameters (`last_bn`); (N, C) -> (N, dim).
+
+  Linear layers keep PyTorch's default init (U(+-1/sqrt(fan_in))), as in MoCo v3, which
+  re-initialises only the ViT. BatchNorm: PyTorch BatchNorm1d defaults (eps 1e-5, momentum 0.1).
+  """
+
+  num_layers: int
+  hidden: int
+  dim: int
+  last_bn: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    if x.ndim != 2:
+      raise ValueError(f"ProjectionMLP expects pooled features (N, C), got shape {x.shape}; "
+                       "pass the class token.")
+    x = jnp.asarray(x, self.dtype)
+    for i in range(self.num_layers):
+      last = i == self.num_layers - 1
+      x = nn.Dense(self.dim if last else self.hidden, use_bias=False,
+                   kernel_init=torch_conv_kernel_init, dtype=self.dtype, name=f"fc{i}")(x)
+      if not last or self.last_bn:
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                         use_scale=not last, use_bias=not last, dtype=self.dtype,
+                         name=f"bn{i}")(x)
+      if not last:
+        x = nn.relu(x)
+    return x
+
+
+class WeightNormDense(nn.Module):
+  """`nn.utils.weight_norm(nn.Linear(in, out, bias=False))`: W = g · v / ||v|| per output unit.
+
+  With `learn_scale=False` (DINO's `norm_last_layer=True`) g is fixed at 1, so the layer is the
+  cosine of its input with `out` unit prototypes, scaled by the input's norm. `v` keeps
+  PyTorch's default Linear init.
+  """
+
+  features: int
+  learn_scale: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    v = self.param("kernel_v", torch_conv_kernel_init, (x.shape[-1], self.features))
+    w = v / jnp.sqrt(jnp.sum(v * v, axis=0, keepdims=True))
+    if self.learn_scale:
+      w = w * self.param("scale_g", nn.initializers.ones, (self.features,))
+    return x @ w
+
+
+class DINOHead(nn.Module):
+  """DINO's head: MLP (Linear `fc{i}` + exact GELU, `num_layers` layers ending at `bottleneck`),
+  L2 normalisation, then the weight-normalised `last_layer` to `out_dim` logits.
+
+  The MLP is initialised as DINO's (truncated normal std 0.02, zero bias); the last layer
+  keeps PyTorch's default init, since DINO creates it after its init pass. Computes in
+  float32: 65536-way softmaxes are sensitive to rounding.
+  """
+
+  out_dim: int
+  hidden: int = 2048
+  bottleneck: int = 256
+  num_layers: int = 3
+  norm_last_layer: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    del train  # No BatchNorm (DINO's use_bn_in_head=False for ViTs).
+    x = jnp.asarray(x, jnp.float32)
+    init = nn.initializers.truncated_normal(stddev=0.02, lower=-2.0 / 0.02, upper=2.0 / 0.02)
+    for i in range(self.num_layers):
+      last = i == self.num_layers - 1
+      x = nn.Dense(self.bottleneck if last else self.hidden, kernel_init=init,
+                   bias_init=nn.initializers.zeros, name=f"fc{i}")(x)
+      if not last:
+        x = nn.gelu(x, approximate=False)
+    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return WeightNormDense(self.out_dim, learn_scale=not self.norm_last_layer,
+                           name="last_layer")(x)

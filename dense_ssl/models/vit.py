@@ -14,6 +14,13 @@ The cls token gets no positional embedding and `pos_embed` has shape (1, L, D), 
 `no_embed_class=True`, which DILEMMA relies on: every positional embedding belongs to a patch
 position, so a token can be given another position's embedding.
 
+Position embeddings (`pos_embed`): "learned" (timm/DINO/DILEMMA: a table initialised normal
+std 0.02) or "sincos" (MoCo v3: a fixed 2-D sine-cosine table, [sin(r·ω), cos(r·ω), sin(c·ω),
+cos(c·ω)] for the token in row r, column c, ω_d = 10000^(-d / (D/4)), MoCo v3's
+`build_2d_sincos_position_embedding` on square grids). Both live in params as `pos_embed`, so
+both interpolate to other crop grids and export alike; the sin-cos table gets no gradient here
+and must be frozen in the optimiser (`config.optim.frozen`), or weight decay would shrink it.
+
 Blocks are timm's pre-norm blocks (LayerNorm eps 1e-6, exact GELU, qkv with bias), optionally
 with LayerScale (ConMIM/BEiT use 0.1). Initialisation follows timm: Linear layers normal std
 0.02 (timm's trunc_normal_ with absolute bounds +-2) with zero bias, pos_embed and mask_token
@@ -27,6 +34,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dense_ssl.models import heads
 
@@ -78,6 +86,8 @@ class ViT(nn.Module):
     mlp_ratio: MLP hidden width / D.
     layer_scale: initial LayerScale value, or None for no LayerScale.
     use_mask_token: create the learned `mask_token` (needed for `mask=`).
+    pos_embed: "learned" or "sincos" (the string option; the table itself is the param of
+      the same name).
     dtype: computation dtype; parameters stay float32.
   """
 
@@ -88,6 +98,7 @@ class ViT(nn.Module):
   mlp_ratio: float = 4.0
   layer_scale: float | None = None
   use_mask_token: bool = False
+  pos_embed: str = "learned"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -132,7 +143,13 @@ class ViT(nn.Module):
     # The table keeps the size of the grid it was initialised on; other grids interpolate it.
     positions = (self.get_variable("params", "pos_embed").shape[1]
                  if self.has_variable("params", "pos_embed") else num_patches)
-    pos_embed = self.param("pos_embed", _normal_002, (1, positions, self.width))
+    if self.pos_embed not in POS_EMBEDS:
+      raise ValueError(f"Unknown ViT pos_embed={self.pos_embed!r} (config.model.pos_embed); "
+                       f"valid choices: {', '.join(POS_EMBEDS)}.")
+    init = _normal_002 if self.pos_embed == "learned" else sincos_init
+    pos_embed = self.param("pos_embed", init, (1, positions, self.width))
+    if self.pos_embed == "sincos":  # fixed, as MoCo v3's requires_grad=False
+      pos_embed = jax.lax.stop_gradient(pos_embed)
     pos_embed = resize_pos_embed(pos_embed, (h // p, w // p))
     if keep_idx is not None:
       _check_shape("keep_idx", keep_idx, (n, keep_idx.shape[-1]))
@@ -152,9 +169,58 @@ class ViT(nn.Module):
     return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
 
 
+POS_EMBEDS = ("learned", "sincos")
+
+
+def sincos_table(side: int, width: int, temperature: float = 10000.0) -> jax.Array:
+  """MoCo v3's 2-D sin-cos embedding of a side x side grid, (side², width), row-major tokens."""
+  if width % 4:
+    raise ValueError(f"A 2-D sin-cos position embedding needs a width divisible by 4, got "
+                     f"{width}; use pos_embed='learned'.")
+  quarter = width // 4
+  omega = 1.0 / temperature**(jnp.arange(quarter, dtype=jnp.float32) / quarter)
+  rows, cols = jnp.meshgrid(jnp.arange(side, dtype=jnp.float32),
+                            jnp.arange(side, dtype=jnp.float32), indexing="ij")
+  out_r = rows.reshape(-1, 1) * omega
+  out_c = cols.reshape(-1, 1) * omega
+  return jnp.concatenate([jnp.sin(out_r), jnp.cos(out_r), jnp.sin(out_c), jnp.cos(out_c)], 1)
+
+
+def sincos_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+  """Initialiser of a (1, L, D) `pos_embed` param with the sin-cos table of its square grid."""
+  del key
+  side = int(round(shape[1]**0.5))
+  if side * side != shape[1]:
+    raise ValueError(f"A sin-cos position table needs a square grid, got {shape[1]} tokens.")
+  return sincos_table(side, shape[2]).reshape(shape).astype(dtype)
+
+
+def _bicubic_matrix(size_in: int, size_out: int, a: float = -0.75) -> np.ndarray:
+  """(out, in) weights of torch's bicubic resampling along one axis (align_corners=False,
+  A = -0.75, border taps clamped, no antialiasing), as `F.interpolate(size=...)` computes it."""
+  def near(x):  # |x| <= 1
+    return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+
+  def far(x):  # 1 < |x| < 2
+    return ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+
+  matrix = np.zeros((size_out, size_in), np.float64)
+  scale = size_in / size_out
+  for out in range(size_out):
+    src = scale * (out + 0.5) - 0.5
+    base = int(np.floor(src))
+    t = src - base
+    for offset, weight in ((-1, far(t + 1.0)), (0, near(t)), (1, near(1.0 - t)),
+                           (2, far(2.0 - t))):
+      matrix[out, min(max(base + offset, 0), size_in - 1)] += weight
+  return matrix
+
+
 def resize_pos_embed(pos_embed: jax.Array, grid: tuple[int, int]) -> jax.Array:
-  """The (1, g0·g0, D) learned table on a (gh, gw) grid: bicubic, as timm's
-  `resample_abs_pos_embed` (multi-crop: DINO's 96 px local crops of a 224 px model).
+  """The (1, g0·g0, D) table on a (gh, gw) grid (multi-crop: DINO's 96 px local crops of a
+  224 px model), bicubic exactly as torch's `F.interpolate(size=grid, mode="bicubic",
+  align_corners=False)`: timm's `resample_abs_pos_embed` without antialiasing, and DINO's
+  `interpolate_pos_encoding` but for its +0.1 in the scale factor.
 
   The table's own size is fixed at `init` by the first image seen; other sizes interpolate.
   """
@@ -166,9 +232,10 @@ def resize_pos_embed(pos_embed: jax.Array, grid: tuple[int, int]) -> jax.Array:
     raise ValueError(f"pos_embed of {length} positions is not a square grid; cannot resize it "
                      f"to {grid}.")
   table = pos_embed.reshape(side, side, width).astype(jnp.float32)
-  # No antialiasing when shrinking, as torch's F.interpolate(mode="bicubic") in timm.
-  resized = jax.image.resize(table, (grid[0], grid[1], width), method="bicubic",
-                             antialias=False)
+  rows = jnp.asarray(_bicubic_matrix(side, grid[0]), jnp.float32)
+  cols = jnp.asarray(_bicubic_matrix(side, grid[1]), jnp.float32)
+  resized = jnp.einsum("ai,bj,ijd->abd", rows, cols, table,
+                       precision=jax.lax.Precision.HIGHEST)
   return resized.reshape(1, grid[0] * grid[1], width).astype(pos_embed.dtype)
 
 
