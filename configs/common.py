@@ -70,6 +70,11 @@ def moco_method(**overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(m)
 
 
+def method_sizes(c: ml_collections.ConfigDict, **sizes) -> None:
+  """Sets the method's size keys that it has (BYOL has no queue): a table lookup by key."""
+  c.method.update({k: v for k, v in sizes.items() if k in c.method})
+
+
 def demo_overrides(c: ml_collections.ConfigDict) -> None:
   """Embedded photos, ResNet-18 at 128 px, a few minutes on 2 CPU cores."""
   c.model.name = "resnet18"
@@ -78,9 +83,7 @@ def demo_overrides(c: ml_collections.ConfigDict) -> None:
   c.total_epochs = 0.0
   c.total_steps = 300
   c.optim.lr = 0.03
-  c.method.queue_size = 1024
-  c.method.hidden = 512
-  c.method.bn_groups = 4
+  method_sizes(c, queue_size=1024, hidden=512, bn_groups=4)
   c.log_every_steps = 10
   c.checkpoint_every_steps = 100
 
@@ -92,10 +95,7 @@ def test_overrides(c: ml_collections.ConfigDict) -> None:
   c.batch_size = 16
   c.total_epochs = 0.0
   c.total_steps = 4
-  c.method.queue_size = 64
-  c.method.hidden = 64
-  c.method.dim = 16
-  c.method.bn_groups = 8
+  method_sizes(c, queue_size=64, hidden=64, dim=16, bn_groups=8)
   c.log_every_steps = 2
   c.checkpoint_every_steps = 2
 
@@ -108,9 +108,7 @@ def fmnist_scenes_overrides(c: ml_collections.ConfigDict) -> None:
   """
   fmnist_scenes_protocol(c)
   c.model.name = "resnet18"
-  c.method.queue_size = 2048
-  c.method.hidden = 512
-  c.method.bn_groups = 4
+  method_sizes(c, queue_size=2048, hidden=512, bn_groups=4)
 
 
 def fmnist_scenes_protocol(c: ml_collections.ConfigDict) -> None:

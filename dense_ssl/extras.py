@@ -21,6 +21,7 @@ PACKAGES = {
     "torch": ("PyTorch", "torch"),
     "skimage": ("scikit-image", "demo"),
     "matplotlib": ("matplotlib", "viz"),
+    "cv2": ("OpenCV contrib (selective search)", "proposals"),
 }
 
 

@@ -75,9 +75,9 @@ def test_optional_imports_go_through_extras_require():
 
 
 def test_test_extra_installs_every_runtime_extra():
-  runtime = set().union(*(_names(EXTRAS[e]) for e in ("demo", "viz", "torch")))
+  runtime = set().union(*(_names(EXTRAS[e]) for e in ("demo", "viz", "torch", "proposals")))
   assert runtime <= _names(EXTRAS["test"])
-  for extra in ("demo", "viz", "torch"):
+  for extra in ("demo", "viz", "torch", "proposals"):
     for requirement in EXTRAS[extra]:  # the same lower bound in both places
       assert requirement in EXTRAS["test"], requirement
   assert {e for _, e in extras.PACKAGES.values()} <= set(EXTRAS)

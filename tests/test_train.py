@@ -66,7 +66,7 @@ def _one_step(config, mesh, batch):
   return update, jax.device_get(new_state.extra), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("method", ["mocov2", "densecl"])
+@pytest.mark.parametrize("method", ["mocov2", "densecl", "byol", "univip"])
 def test_one_and_eight_devices_give_the_same_step(method):
   """The sharded step computes what the 1-device step computes, shuffle-BN included.
 
@@ -77,16 +77,20 @@ def test_one_and_eight_devices_give_the_same_step(method):
   permutation or group assignment changes updates by O(1).
   """
   config = _config(method)
-  views = methods_lib.create(config).views()
-  batch = next(pipeline.create_iterator(config.data, views=views,
+  probe = methods_lib.create(config)
+  batch = next(pipeline.create_iterator(config.data, views=probe.views(),
+                                        sampler=probe.crop_sampler,
                                         global_batch_size=config.batch_size, seed=0))
   one = Mesh(np.array(jax.devices()[:1]), ("data",), axis_types=(AxisType.Auto,))
   u1, e1, m1 = _one_step(config, one, batch)
   u8, e8, m8 = _one_step(config, sharding.create_mesh(), batch)
   assert jax.device_count() == 8
   np.testing.assert_allclose(m1["train/loss"], m8["train/loss"], rtol=1e-5)
+  # Leaves whose update is zero in exact arithmetic (a bias in front of a BatchNorm) carry only
+  # rounding noise, ~1e-10 here: the floor is a millionth of the whole update, not of the leaf.
+  floor = 1e-6 * np.sqrt(sum(np.sum(np.square(a)) for a in jax.tree.leaves(u1)))
   for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u8)):
-    assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(a) + 1e-12
+    assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(a) + floor
   for a, b in zip(jax.tree.leaves(e1), jax.tree.leaves(e8)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
 
@@ -109,6 +113,22 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(reference_run, tmp_path
   state = train.run(_config(total_steps=12, **_CONSTANT), str(tmp_path))  # continues from 4
   assert int(state.step) == 12
   _assert_trees_equal(reference_run, _params(str(tmp_path)))
+
+
+# BYOL and UniVIP: their cosine EMA schedule depends on the run's length, so it is held
+# constant too (the schedule itself is tested in tests/test_byol.py).
+_CONSTANT_EMA = {**_CONSTANT, "method.momentum_schedule": "constant"}
+
+
+@pytest.mark.parametrize("method", ["byol", "univip"])
+def test_resume_is_bitwise_for_byol_and_univip(method, tmp_path):
+  reference = str(tmp_path / "reference")
+  train.run(_config(method, total_steps=4, **_CONSTANT_EMA), reference)
+  work = str(tmp_path / "resumed")
+  train.run(_config(method, total_steps=2, **_CONSTANT_EMA), work)
+  state = train.run(_config(method, total_steps=4, **_CONSTANT_EMA), work)  # continues from 2
+  assert int(state.step) == 4
+  _assert_trees_equal(_params(reference), _params(work))
 
 
 def _main(workdir, *flags):
@@ -217,7 +237,7 @@ def test_non_finite_steps_never_reach_the_checkpoint(policy, tmp_path):
 
 
 @pytest.mark.parametrize("override,expected", [
-    ({"method.name": "densecll"}, "valid choices: densecl"),
+    ({"method.name": "densecll"}, "valid choices: .*densecl,"),
     ({"model.name": "resnet5"}, "valid choices:"),
     ({"model.name": "vit_s16"}, "cannot be used by method 'densecl'; valid choices: resnet101, resnet18"),
     ({"batch_size": 12}, "multiple of the device count"),

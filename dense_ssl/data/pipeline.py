@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from dense_ssl.data import instances  # pylint: disable=unused-import  (registers its sampler)
 from dense_ssl.data import sources as sources_lib
 from dense_ssl.data import spec
 from dense_ssl.data import views as views_lib
@@ -78,9 +79,10 @@ def build_dataset(source: sources_lib.Source, data_cfg: Any, *,
   local = global_batch_size // process_count
   first_row = process_index * local
 
-  def example(position: tf.Tensor, image: tf.Tensor, skipped: tf.Tensor) -> dict[str, Any]:
+  def example(position: tf.Tensor, image: tf.Tensor, skipped: tf.Tensor,
+              extras: dict[str, tf.Tensor] | None = None) -> dict[str, Any]:
     view_seed = sources_lib.fold_seed(seed, sources_lib.VIEWS_STREAM, position)
-    out = views_lib.make_views(image, view_seed, views, sampler=sampler)
+    out = views_lib.make_views(image, view_seed, views, sampler=sampler, extras=extras)
     out[_SKIPPED] = skipped
     return out
 
@@ -92,8 +94,11 @@ def build_dataset(source: sources_lib.Source, data_cfg: Any, *,
     def load(counter: tf.Tensor) -> dict[str, Any]:
       step, row = counter // local, counter % local
       position = step * global_batch_size + first_row + row
-      image, skipped = source.load(image_index(position, source.num_examples, seed))
-      return example(position, image, skipped)
+      index = image_index(position, source.num_examples, seed)
+      image, skipped = source.load(index)
+      # Per-image arrays for the crop sampler (e.g. object proposals), looked up by index.
+      extras = source.extras(index) if source.extras is not None else None
+      return example(position, image, skipped, extras)
 
     ds = tf.data.Dataset.counter(start_step * local).map(
         load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

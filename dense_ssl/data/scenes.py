@@ -145,11 +145,13 @@ def _background(rng: np.random.Generator, size: int,
 
 
 def _place(rng: np.random.Generator, canvas: np.ndarray, label_map: np.ndarray,
-           garment: np.ndarray, label: int, side: int) -> None:
+           garment: np.ndarray, label: int, side: int) -> tuple[int, int, int, int]:
   """Enlarges a 28x28 uint8 garment to `side`, tints it and composites it at a random place.
 
   A pixel of intensity v covers the background with alpha = min(1, v / _COVER) and is labelled
-  1 + `label` where alpha >= 1/2, overwriting (occluding) what was there.
+  1 + `label` where alpha >= 1/2, overwriting (occluding) what was there. Returns the garment's
+  own box (y0, x0, y1, x1) in pixels: the tight box of its alpha >= 1/2 pixels, before any
+  later garment occludes it (the whole placement if none reach 1/2).
   """
   size = canvas.shape[0]
   y, x = (int(v) for v in rng.integers(0, size - side + 1, size=2))
@@ -160,7 +162,12 @@ def _place(rng: np.random.Generator, canvas: np.ndarray, label_map: np.ndarray,
   colour = tint * (0.4 + 0.6 * value[..., None])
   region = canvas[y:y + side, x:x + side]
   region[...] = alpha * colour + (1 - alpha) * region
-  label_map[y:y + side, x:x + side][alpha[..., 0] >= 0.5] = label + 1
+  covered = alpha[..., 0] >= 0.5
+  label_map[y:y + side, x:x + side][covered] = label + 1
+  rows, cols = np.flatnonzero(covered.any(axis=1)), np.flatnonzero(covered.any(axis=0))
+  if not len(rows):
+    return y, x, y + side, x + side
+  return y + int(rows[0]), x + int(cols[0]), y + int(rows[-1]) + 1, x + int(cols[-1]) + 1
 
 
 def _to_uint8(canvas: np.ndarray) -> np.ndarray:
@@ -169,14 +176,15 @@ def _to_uint8(canvas: np.ndarray) -> np.ndarray:
 
 def _scene(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray, size: int,
            textures: Sequence[np.ndarray], num_objects: Sequence[int],
-           scale: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+           scale: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   canvas = _background(rng, size, textures)
   label_map = np.zeros((size, size), np.uint8)
+  boxes = []
   for _ in range(int(rng.integers(num_objects[0], num_objects[1] + 1))):
     i = int(rng.integers(len(images)))
     side = int(rng.integers(round(scale[0] * size), round(scale[1] * size) + 1))
-    _place(rng, canvas, label_map, images[i], int(labels[i]), side)
-  return _to_uint8(canvas), label_map
+    boxes.append(_place(rng, canvas, label_map, images[i], int(labels[i]), side))
+  return _to_uint8(canvas), label_map, np.asarray(boxes, np.int32).reshape(-1, 4)
 
 
 def _rng(seed: int, split: str, index: int, kind: int) -> np.random.Generator:
@@ -199,16 +207,22 @@ def make_scenes(n: int, seed: int, split: str, size: int = 96, *, start: int = 0
     directory: where the Fashion-MNIST files are.
 
   Returns dict(images (n, size, size, 3) uint8, label_maps (n, size, size) uint8 with
-  0 = background and 1 + class, multi_hot (n, 10) uint8 of the classes visible in the map).
+  0 = background and 1 + class, multi_hot (n, 10) uint8 of the classes visible in the map,
+  boxes (n, num_objects[1], 4) int32: each garment's own box (y0, x0, y1, x1) in pixels, as
+  placed (before occlusion), rows past num_boxes[i] zero, num_boxes (n,) int32).
   """
   images, labels = garments(split, directory)
   textures = load_textures()
   out_images = np.zeros((n, size, size, 3), np.uint8)
   out_maps = np.zeros((n, size, size), np.uint8)
+  out_boxes = np.zeros((n, num_objects[1], 4), np.int32)
+  num_boxes = np.zeros((n,), np.int32)
   for k in range(n):
-    out_images[k], out_maps[k] = _scene(_rng(seed, split, start + k, 0), images, labels, size,
-                                        textures, num_objects, scale)
-  return dict(images=out_images, label_maps=out_maps, multi_hot=multi_hot(out_maps))
+    out_images[k], out_maps[k], boxes = _scene(_rng(seed, split, start + k, 0), images, labels,
+                                               size, textures, num_objects, scale)
+    out_boxes[k, :len(boxes)], num_boxes[k] = boxes, len(boxes)
+  return dict(images=out_images, label_maps=out_maps, multi_hot=multi_hot(out_maps),
+              boxes=out_boxes, num_boxes=num_boxes)
 
 
 def multi_hot(label_maps: np.ndarray) -> np.ndarray:

@@ -32,6 +32,7 @@ from PIL import Image
 import tensorflow as tf
 
 from dense_ssl import extras, registry
+from dense_ssl.data import proposals as proposals_lib
 
 Decoded = tuple[tf.Tensor, tf.Tensor]
 
@@ -52,12 +53,20 @@ _DEMO_DATA_SEED = 20240601  # the demo set is a fixed dataset, independent of th
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """What the pipeline needs from a data source (see the module docstring)."""
+  """What the pipeline needs from a data source (see the module docstring).
+
+  `extras(index)`, for random-access sources, gives per-image arrays that the method's crop
+  sampler reads (e.g. {"proposals": (P, 4)} object boxes, `with_proposals`). `known_boxes()`
+  gives, per image, boxes the source itself knows (pixel (y0, x0, y1, x1); the Fashion-MNIST
+  scenes' garments), which can stand in for proposals.
+  """
   name: str
   num_examples: int
   load: Callable[[tf.Tensor], Decoded] | None = None
   stream: Callable[[int, int], tf.data.Dataset] | None = None
   decode: Callable[[tf.Tensor], Decoded] | None = None
+  extras: Callable[[tf.Tensor], dict[str, tf.Tensor]] | None = None
+  known_boxes: Callable[[], list[np.ndarray]] | None = None
 
   @property
   def random_access(self) -> bool:
@@ -71,9 +80,55 @@ register = _REGISTRY.register
 names = _REGISTRY.names
 
 
-def create(data_cfg: Any) -> Source:
-  """Builds the source named by `data_cfg.source`."""
+def create_images(data_cfg: Any) -> Source:
+  """The images of the source named by `data_cfg.source`, without per-image extras."""
   return _REGISTRY.get(data_cfg.source)(data_cfg)
+
+
+def create(data_cfg: Any) -> Source:
+  """Builds the source named by `data_cfg.source`, with the proposals `data_cfg.proposals`
+  names (if any) as its extras."""
+  return with_proposals(create_images(data_cfg), data_cfg)
+
+
+def with_proposals(source: Source, data_cfg: Any) -> Source:
+  """`source` with extras {"proposals": (P, 4) float32 normalised (y0, x0, y1, x1)} per image.
+
+  `data_cfg.proposals`: "" (none), "selective_search" (the sidecar that
+  `python -m dense_ssl.data.proposals` writes, see `dense_ssl.data.proposals`) or "garments"
+  (the boxes the source knows, filtered by the same rules as the sidecar's).
+  """
+  kind = data_cfg.get("proposals", "") if hasattr(data_cfg, "get") else ""
+  if not kind:
+    return source
+  if kind not in proposals_lib.KINDS:
+    raise ValueError(f"Unknown config.data.proposals={kind!r}; valid choices: '', "
+                     f"{', '.join(proposals_lib.KINDS)}.")
+  if not source.random_access:
+    raise ValueError(f"config.data.proposals={kind!r} needs a random-access source (images "
+                     f"looked up by index); config.data.source={data_cfg.source!r} streams its "
+                     f"records: prepare it with file_format='array_record'.")
+  if kind == "garments":
+    if source.known_boxes is None:
+      raise ValueError(f"config.data.proposals='garments' needs a source that knows its objects' "
+                       f"boxes (config.data.source='fmnist_scenes'), not {data_cfg.source!r}.")
+    size = float(data_cfg.scenes_size)
+    min_side = float(data_cfg.proposal_min_side)
+    per_image = [proposals_lib.normalise(proposals_lib.filter_boxes(b, min_side), size, size)
+                 for b in source.known_boxes()]
+    boxes, offsets = proposals_lib.pack(per_image)
+  else:
+    boxes, offsets = proposals_lib.read_sidecar(data_cfg, source.num_examples)
+  boxes, offsets = tf.constant(boxes, tf.float32), tf.constant(offsets, tf.int64)
+  base = source.extras
+
+  def extras(index: tf.Tensor) -> dict[str, tf.Tensor]:
+    out = dict(base(index)) if base is not None else {}
+    index = tf.cast(index, tf.int64)
+    out["proposals"] = boxes[offsets[index]:offsets[index + 1]]
+    return out
+
+  return dataclasses.replace(source, extras=extras)
 
 
 def _no_skips() -> tf.Tensor:
@@ -299,7 +354,7 @@ def folder(data_cfg: Any) -> Source:
 
 
 # The scene set is a fixed dataset, independent of the run's seed.
-_SCENES_DATA_SEED = 0
+SCENES_DATA_SEED = 0
 
 
 @register("fmnist_scenes")
@@ -310,13 +365,16 @@ def fmnist_scenes(data_cfg: Any) -> Source:
   num = int(data_cfg.scenes_num_images)
   if num < 1:
     raise ValueError(f"config.data.scenes_num_images must be >= 1, got {num}.")
-  images = tf.constant(scenes.make_scenes(num, _SCENES_DATA_SEED, "pretrain",
-                                          int(data_cfg.scenes_size))["images"])
+  made = scenes.make_scenes(num, SCENES_DATA_SEED, "pretrain", int(data_cfg.scenes_size))
+  images = tf.constant(made["images"])
 
   def load(index: tf.Tensor) -> Decoded:
     return tf.gather(images, index), _no_skips()
 
-  return Source(name="fmnist_scenes", num_examples=num, load=load)
+  def garments() -> list[np.ndarray]:
+    return [b[:n] for b, n in zip(made["boxes"], made["num_boxes"])]
+
+  return Source(name="fmnist_scenes", num_examples=num, load=load, known_boxes=garments)
 
 
 @register("synthetic")

@@ -14,7 +14,12 @@ A batch is a flat dict. For a view named `v`:
     v_mask      bool (B, S, S)            with `mask`: the token mask (True = masked)
 
 A crop sampler (`ViewSpec` sets are sampled by `dense_ssl.data.views.SAMPLERS[name]`) may add
-keys of its own; it declares them through `sampler_keys`.
+keys of its own; it declares them through `sampler_keys`. UniVIP's sampler
+("overlap_proposals", `dense_ssl.data.instances`) reads instance views named
+`instance_view(scene, k)` and adds, per scene view `v`,
+
+    v_inst_boxes       float32 (B, K, 4)  the K instance boxes in v's normalised coordinates
+    proposal_fallback  bool (B,)          no crop pair held K proposals: random boxes instead
 """
 
 from __future__ import annotations
@@ -24,6 +29,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+
+PROPOSAL_FALLBACK = "proposal_fallback"
+
+
+def instance_view(scene: str, k: int) -> str:
+  """The name of instance view k (an object crop) of scene view `scene`."""
+  return f"{scene}_inst{k}"
+
+
+def instance_boxes_key(scene: str) -> str:
+  """The batch key of scene view `scene`'s instance boxes, in its own coordinates."""
+  return f"{scene}_inst_boxes"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,7 @@ from dense_ssl.methods import base
 from dense_ssl.methods.base import MethodState, StepOutput, ViewSpec, create, names, register
 from dense_ssl.methods import families
 from dense_ssl.methods import mocov2
+from dense_ssl.methods import byol
 from dense_ssl.methods import densecl
 from dense_ssl.methods import houghcl
 from dense_ssl.methods import dilemma

@@ -1,19 +1,39 @@
-"""UniVIP (Li et al., CVPR 2022): scene-scene, scene-instance and instance-instance losses.
+"""UniVIP (Li et al., CVPR 2022): scene-scene, scene-instance and instance-instance learning.
 
-The three objectives as pure functions of the online and target embeddings (METHODS.md §2),
-with the instance term weighted by an entropic optimal-transport plan, and their parity check.
-The method on BYOL built on them comes with it.
+BYOL's two networks (byol.py) on two scene views whose overlap holds K object proposals
+(`dense_ssl.data.instances`, crop sampler "overlap_proposals"), plus the K instances of each
+view, cropped and resized to `method.instance_size` (96 px):
+
+  * online: both scenes -> p1, p2; view 1's instances -> o (N, K, D) (after the predictor);
+  * target: both scenes -> z1, z2; view 2's instances -> t (N, K, D) (projections);
+  * scene-scene: BYOL's symmetric loss; scene-instance: I = Linear(concat_k o_k) (the online-only
+    layer "scene_instance", K·D -> D) against z1 and z2; instance-instance: Σ P·(2 - 2cos(o_m,
+    t_l)) with P the entropic optimal-transport plan between the two views' instances (log-
+    domain Sinkhorn, ε = 0.1, 50 iterations, marginals from each side's agreement with the
+    other side's scenes, no gradient through P), METHODS.md §2, each term in BYOL's 2 - 2cos
+    form (METHODS.md: the gradients are twice the paper form's).
+
+Instance k of both views is the same proposal, so the plan's mass on its diagonal
+(`train/plan_diagonal`) says how often the transport pairs an instance with itself.
+The three objectives are pure functions of the embeddings below, with their parity check.
+
+Config keys: `method.num_instances` (K), `method.instance_size`, `method.sinkhorn_eps`,
+`method.sinkhorn_iters`, and BYOL's.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dense_ssl import losses, matchers, parity
+from dense_ssl.data import spec
+from dense_ssl.methods import base, byol, families
+from dense_ssl.models import heads
 
 def univip_marginals(o: jax.Array, t: jax.Array, p_scene: jax.Array, z_scene: jax.Array,
                      floor: float = 1e-8) -> dict[str, jax.Array]:
@@ -79,6 +99,93 @@ def univip_losses(o: jax.Array, t: jax.Array, p1: jax.Array, p2: jax.Array, z1: 
          "instance": instance_loss, **ot, **marginals}
   out["total"] = out["scene"] + out["scene_instance"] + out["instance"]
   return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The method.
+# ---------------------------------------------------------------------------------------------
+
+SCENES = ("view1", "view2")
+
+
+def scene_instance_layer(dim: int, num_instances: int) -> nn.Dense:
+  """The scene-instance Linear (K·D -> D), PyTorch's default nn.Linear initialisation."""
+  return nn.Dense(dim, kernel_init=heads.torch_conv_kernel_init,
+                  bias_init=heads.torch_bias_init(num_instances * dim))
+
+
+@base.register("univip")
+class UniVIP(byol.TwoNetworks):
+  """UniVIP on BYOL (module docstring)."""
+
+  crop_sampler = "overlap_proposals"
+  online_only = ("predictor", "scene_instance")
+
+  def __init__(self, config: Any, durations: Any = None):
+    super().__init__(config, durations)
+    m = config.method
+    self.num_instances, self.instance_size = int(m.num_instances), int(m.instance_size)
+    self.eps, self.n_iter = float(m.sinkhorn_eps), int(m.sinkhorn_iters)
+    self.layer = scene_instance_layer(self.dim, self.num_instances)
+
+  @classmethod
+  def check_config(cls, config: Any, num_devices: int) -> None:
+    super().check_config(config, num_devices)
+    m = config.method
+    if m.num_instances < 1 or m.sinkhorn_iters < 1 or m.sinkhorn_eps <= 0:
+      raise ValueError(f"config.method.num_instances={m.num_instances} and sinkhorn_iters="
+                       f"{m.sinkhorn_iters} must be >= 1 and sinkhorn_eps={m.sinkhorn_eps} > 0.")
+    if not config.data.get("proposals", ""):
+      raise ValueError("UniVIP crops instances from object proposals: set "
+                       "config.data.proposals ('selective_search', or 'garments' on "
+                       "config.data.source='fmnist_scenes').")
+
+  def views(self) -> tuple[base.ViewSpec, ...]:
+    scenes = super().views()
+    inst = [base.ViewSpec(spec.instance_view(s.name, k), self.instance_size, flip=False,
+                          preset=s.preset)
+            for s in scenes for k in range(self.num_instances)]
+    return (*scenes, *inst)
+
+  def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> base.Variables:
+    variables = super().init(rng, batch)
+    x = jnp.zeros((1, self.num_instances * self.dim), jnp.float32)
+    layer = self.layer.init(jax.random.fold_in(rng, 1), x)["params"]
+    variables["params"] = {**variables["params"], "scene_instance": layer}
+    return variables
+
+  def instances(self, batch: dict[str, jax.Array], scene: str) -> jax.Array:
+    """(N·K, s, s, 3): scene view `scene`'s K instance crops, image-major (an image's K crops
+    stay in its BatchNorm group and on its device)."""
+    stacked = jnp.stack([batch[spec.instance_view(scene, k)]
+                         for k in range(self.num_instances)], axis=1)
+    return stacked.reshape((-1, *stacked.shape[2:]))
+
+  def loss(self, params: Any, state: base.MethodState, batch: dict[str, jax.Array],
+           rng: jax.Array) -> base.LossOutput:
+    scene_rng, inst_rng = jax.random.split(rng)
+    (o1, o2), (z1, z2), stats = self.forward(params, state, [batch[s] for s in SCENES],
+                                             scene_rng)
+    st = state._replace(batch_stats=stats)
+    # Instances: one pass each, view 1's through the online network, view 2's the target.
+    online, online_stats = self.online(params, st, self.instances(batch, SCENES[0]))
+    st = st._replace(batch_stats={"online": online_stats, "target": stats["target"]})
+    target, target_stats = self.target(st, self.instances(batch, SCENES[1]), inst_rng)
+    n, k = batch[SCENES[0]].shape[0], self.num_instances
+    o = online["prediction"].reshape(n, k, -1)
+    t = target["projection"].reshape(n, k, -1)
+    instance = self.layer.apply({"params": params["scene_instance"]}, o.reshape(n, -1))
+    out = univip_losses(o, t, o1["prediction"], o2["prediction"], z1, z2, instance,
+                        eps=self.eps, n_iter=self.n_iter, byol_form=True)
+    metrics = {"loss": out["total"], "loss_scene": out["scene"],
+               "loss_scene_instance": out["scene_instance"], "loss_instance": out["instance"],
+               "plan_diagonal": jnp.mean(jnp.trace(out["plan"], axis1=1, axis2=2)),
+               "std_p": families.embedding_std(o1["prediction"]),
+               "std_instance": families.embedding_std(o.reshape(n * k, -1))}
+    if spec.PROPOSAL_FALLBACK in batch:
+      metrics["proposal_fallbacks"] = jnp.mean(batch[spec.PROPOSAL_FALLBACK].astype(jnp.float32))
+    new_stats = {"online": online_stats, "target": target_stats}
+    return out["total"], base.StepOutput(batch_stats=new_stats, extra={}, metrics=metrics)
 
 
 # ---------------------------------------------------------------------------------------------
