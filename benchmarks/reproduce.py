@@ -1,16 +1,20 @@
-"""MoCo-v2 vs DenseCL vs HoughCL on Fashion-MNIST scenes, one command, same budget for all.
+"""Every method against random init on Fashion-MNIST scenes: one command, one budget for all.
 
     python benchmarks/reproduce.py [--workdir=runs/reproduce] [--methods=mocov2,densecl,houghcl]
-        [--seeds=0] [--total_steps=N] [--variant=fmnist_scenes]
+        [--seeds=0,1,2] [--total_steps=N] [--variant=fmnist_scenes] [--curve_points=4]
 
-For every method and seed: pretrain `configs/<method>.py:fmnist_scenes` (the same backbone,
-data, batch, steps and optimiser for all three; resumes an interrupted run), then evaluate the
-final online backbone with the evaluators of `config.evals` (linear probe and k-NN on held-out
-garments, dense-probe mIoU and correspondence accuracy on held-out scenes; see
-dense_ssl/evaluate). A randomly initialised backbone is evaluated too, as the floor. Writes
+For every method and seed: pretrain `configs/<method>.py:<variant>` (the same backbone, data,
+batch, steps and optimiser for all; resumes an interrupted run), then evaluate the final online
+backbone with the evaluators of `config.evals` (linear probe and k-NN on held-out garments,
+dense-probe mIoU and correspondence accuracy on held-out scenes; see dense_ssl/evaluate), and
+its intermediate checkpoints with the cheap probes (k-NN, linear) for the curves. A randomly
+initialised backbone, one per seed, is the floor. Every result is cached under --workdir: the
+same command after a kill continues where it stopped. Writes
 
-  * the table into benchmarks/RESULTS.md, between the markers BEGIN and END (the rest of the
-    file is kept), with the date, device and budget;
+  * the tables into benchmarks/RESULTS.md, between the markers BEGIN and END (the rest of the
+    file is kept), with the date, device, budget and total wall time: mean ± std over seeds
+    with a ✓/✗ verdict against random init (twice the combined standard error), and every run;
+  * benchmarks/reproduce_curves.png: the probes over pretraining steps, per method;
   * benchmarks/reproduce_dense.png: test scenes, their ground truth and each backbone's
     dense-probe prediction;
   * <workdir>/results.json with every number.
@@ -43,6 +47,8 @@ from benchmarks import common
 
 RESULTS_MD = os.path.join(ROOT, "benchmarks", "RESULTS.md")
 FIGURE = os.path.join(ROOT, "benchmarks", "reproduce_dense.png")
+FIGURE_SCENES = 6  # columns of the dense-probe figure
+CURVES = os.path.join(ROOT, "benchmarks", "reproduce_curves.png")
 BEGIN = "<!-- reproduce.py: begin -->"
 END = "<!-- reproduce.py: end -->"
 # Table columns: (header, key in the evaluators' results, format).
@@ -54,6 +60,8 @@ COLUMNS = (
     ("corr. argmax exact", "corr/argmax_acc_exact", "{:.1%}"),
     ("corr. Hough ±1", "corr/hough_acc", "{:.1%}"),
 )
+# The claims the table checks against random init (the acceptance of the benchmark).
+VERDICT_KEYS = ("linear/top1", "knn/top1", "dense/miou")
 SEG_COLOURS = np.array(
     [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
      [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]],
@@ -119,12 +127,18 @@ def evaluate_backbone(evaluators: dict[str, Any], variables: Any) -> tuple[dict[
   return results, dense_result
 
 
-def _config(method: str, variant: str, seed: int, total_steps: int | None) -> Any:
+def _config(method: str, variant: str, seed: int, total_steps: int | None,
+            curve_points: int = 0) -> Any:
   from dense_ssl import config_errors
   config = config_errors.load_config(os.path.join(ROOT, f"configs/{method}.py:{variant}"))
   overrides = {"seed": seed}
   if total_steps:
     overrides.update(total_epochs=0.0, total_steps=total_steps)
+  if curve_points and (total_steps or config.total_steps):
+    # A checkpoint per point of the probe curves, all kept.
+    steps = total_steps or config.total_steps
+    overrides.update(checkpoint_every_steps=max(1, steps // curve_points),
+                     keep_checkpoints=curve_points + 1)
   return config_errors.override(config, overrides)
 
 
@@ -135,66 +149,247 @@ def _budget(config: Any) -> str:
           f"{duration}, {config.optim.name} lr {config.optim.lr}, data {config.data.source}")
 
 
+def _cached(path: str, compute: Any) -> dict[str, Any]:
+  """`compute()`'s JSON-able result, stored at `path` and read back on the next call: a killed
+  reproduction continues where it stopped (the training runs resume from their checkpoints)."""
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  result = compute()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(result, f, indent=2)
+  os.replace(path + ".tmp", path)
+  return result
+
+
+def standard_errors(evaluators: dict[str, Any], row: dict[str, Any]) -> dict[str, float]:
+  """Sampling standard error of each probe accuracy of one backbone: sqrt(p(1-p)/n) over the
+  evaluator's n held-out test images (the same images for every backbone)."""
+  out = {}
+  for name, evaluator in evaluators.items():
+    n = getattr(evaluator, "num_test", None)
+    key = f"{name}/top1"
+    if n and key in row:
+      p = row[key]
+      out[key] = float(np.sqrt(max(p * (1 - p), 1e-12) / n))
+  return out
+
+
+def summarize(rows: Sequence[dict[str, Any]], keys: Sequence[str]
+              ) -> dict[str, dict[str, dict[str, float]]]:
+  """{name: {key: {"mean", "std", "se", "n"}}} over the rows (seeds) of each backbone.
+
+  `se` is the standard error of the mean: the spread over seeds (std/√n, ddof 1) combined with
+  the held-out set's sampling error (`se/<key>` of the rows, from `standard_errors`), which is
+  shared by the seeds and so does not average out.
+  """
+  out: dict[str, dict[str, dict[str, float]]] = {}
+  for name in dict.fromkeys(r["name"] for r in rows):
+    group = [r for r in rows if r["name"] == name]
+    stats = {}
+    for key in keys:
+      values = np.array([r[key] for r in group if key in r], np.float64)
+      if not len(values):
+        continue
+      std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+      sampling = np.mean([r.get(f"se/{key}", 0.0) for r in group])
+      se = float(np.sqrt(std ** 2 / len(values) + sampling ** 2))
+      stats[key] = {"mean": float(values.mean()), "std": std, "se": se, "n": len(values)}
+    out[name] = stats
+  return out
+
+
+def summary_table(summary: dict[str, dict[str, dict[str, float]]], floor: str = "random init"
+                  ) -> str:
+  """Mean ± std over seeds per backbone; a cell is marked ✓ when it beats `floor` by more than
+  twice the combined standard error, ✗ when it does not."""
+  columns = ["backbone", "seeds", *(c[0] for c in COLUMNS)]
+  cells = []
+  for name, stats in summary.items():
+    cell = {"backbone": name,
+            "seeds": str(max((s["n"] for s in stats.values()), default=0))}
+    for header, key, fmt in COLUMNS:
+      if key not in stats:
+        continue
+      s, text = stats[key], fmt.format(stats[key]["mean"])
+      if s["n"] > 1:
+        text += " ± " + fmt.format(s["std"]).rstrip("%")
+      base = summary.get(floor, {}).get(key)
+      if name != floor and base is not None and key in VERDICT_KEYS:
+        margin = 2 * np.hypot(s["se"], base["se"])
+        text += " ✓" if s["mean"] - base["mean"] > margin else " ✗"
+      cell[header] = text
+    cells.append(cell)
+  return common.table(cells, columns)
+
+
+def curve_figure(curves: dict[str, dict[int, dict[str, float]]], keys: Sequence[str],
+                 path: str, floor: dict[str, float] | None = None) -> None:
+  """One panel per key: each method's value (mean over seeds) over its pretraining steps, the
+  random-init value as a dashed line."""
+  fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
+  for ax, key in zip(axes[0], keys):
+    for name, by_step in curves.items():
+      steps = sorted(s for s, r in by_step.items() if key in r)
+      if steps:
+        ax.plot(steps, [by_step[s][key] for s in steps], marker="o", ms=3, label=name)
+    if floor and key in floor:
+      ax.axhline(floor[key], color="k", ls="--", lw=1, label="random init")
+    ax.set_title(key, fontsize=9)
+    ax.set_xlabel("pretraining step")
+    ax.grid(alpha=0.3)
+  axes[0, 0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _mean_curves(runs: dict[tuple[str, int], dict[int, dict[str, float]]]
+                 ) -> dict[str, dict[int, dict[str, float]]]:
+  """{method: {step: {key: mean over seeds}}} from {(method, seed): {step: results}}."""
+  out: dict[str, dict[int, dict[str, float]]] = {}
+  for method in dict.fromkeys(m for m, _ in runs):
+    seeds = [c for (m, _), c in runs.items() if m == method]
+    steps = sorted(set.intersection(*(set(c) for c in seeds)))
+    out[method] = {s: {k: float(np.mean([c[s][k] for c in seeds]))
+                       for k in seeds[0][s] if all(k in c[s] for c in seeds)} for s in steps}
+  return out
+
+
 def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
               variant: str = "fmnist_scenes", total_steps: int | None = None,
               evals: dict[str, Any] | None = None, results_md: str = RESULTS_MD,
-              figure: str = FIGURE) -> list[dict[str, Any]]:
-  """Pretrains and evaluates every (method, seed); writes `results_md` and `figure`.
+              figure: str = FIGURE, curves_figure: str = CURVES,
+              curve_points: int = 4, curve_evals: Sequence[str] = ("knn", "linear"),
+              progress: bool = True) -> list[dict[str, Any]]:
+  """Pretrains and evaluates every (method, seed); writes `results_md` and the figures.
 
   `evals` replaces the configs' `config.evals` (default: theirs, else DEFAULT_EVALS); the
-  evaluators are built once, so every backbone is scored on the same held-out data.
+  evaluators are built once, so every backbone is scored on the same held-out data. Random
+  init is evaluated once per seed. Each run keeps `curve_points` checkpoints, and the
+  `curve_evals` evaluators score each of them for the probe curves. Every result is cached in
+  `workdir`, so running the same command again continues a killed reproduction.
   """
   import jax
-  from dense_ssl import config_errors, evaluate, methods as methods_lib, train
+  from tqdm import tqdm
+  from dense_ssl import checkpoint, config_errors, evaluate, methods as methods_lib, train
   from dense_ssl.evaluate import features
 
+  started = time.perf_counter()
   first = _config(methods[0], variant, seeds[0], total_steps)
   backbone = methods_lib.create(first).backbone
   evaluators = evaluate.from_config(evals or first.evals or evaluate.DEFAULT_EVALS, backbone)
-  random_init = features.init_variables(backbone, seed=seeds[0])
-  results, dense = evaluate_backbone(evaluators, random_init)
-  rows = [{"name": "random init", "seed": seeds[0], **results}]
-  dense_results = {"random init": dense}
+  cheap = {k: v for k, v in evaluators.items() if k in curve_evals}
+  bar = tqdm(total=len(seeds) * (len(methods) + 1), unit="run", disable=not progress)
+
+  def scored(variables: Any) -> dict[str, Any]:
+    results, dense = evaluate_backbone(evaluators, variables)
+    results.update({f"se/{k}": v for k, v in standard_errors(evaluators, results).items()})
+    # The figure's first scenes only: the whole prediction would make the cache megabytes.
+    return {"results": results, "dense_miou": None if dense is None else dense.miou,
+            "dense_predictions": None if dense is None
+            else np.asarray(dense.predictions[:FIGURE_SCENES]).tolist()}
+
+  rows, dense_results, curves = [], {}, {}
+  for seed in seeds:
+    bar.set_description(f"random init s{seed}")
+    cached = _cached(os.path.join(workdir, f"random_init_seed{seed}.json"),
+                     lambda: scored(features.init_variables(backbone, seed=seed)))
+    rows.append({"name": "random init", "seed": seed, **cached["results"]})
+    dense_results.setdefault("random init", cached)
+    bar.update()
   for method in methods:
     for seed in seeds:
+      bar.set_description(f"{method} s{seed}")
+      run_dir = os.path.join(workdir, f"{method}_seed{seed}")
       # The script evaluates every backbone itself, with the evaluators built once above (same
       # held-out data for all), so the runs' own end-of-training evaluation is switched off.
-      config = config_errors.override(_config(method, variant, seed, total_steps), {"evals": {}})
-      start = time.perf_counter()
-      state = train.run(config, os.path.join(workdir, f"{method}_seed{seed}"))
-      wall = time.perf_counter() - start
-      variables = methods_lib.create(config).backbone_variables(
-          jax.device_get(state.params), jax.device_get(state.batch_stats))
-      results, dense_results[f"{method} s{seed}"] = evaluate_backbone(evaluators, variables)
-      rows.append({"name": method, "seed": seed, "wall_s": wall, **results})
-      print(markdown_table(rows), flush=True)
+      config = config_errors.override(
+          _config(method, variant, seed, total_steps, curve_points), {"evals": {}})
+
+      def pretrain_and_score():
+        begin = time.perf_counter()
+        resumed = bool(checkpoint.saved_steps(run_dir))
+        state = train.run(config, run_dir)
+        wall = time.perf_counter() - begin
+        variables = methods_lib.create(config).backbone_variables(
+            jax.device_get(state.params), jax.device_get(state.batch_stats))
+        return {**scored(variables), "wall_s": wall, "resumed": resumed,
+                "step": int(jax.device_get(state.step))}
+
+      cached = _cached(os.path.join(run_dir, "reproduce.json"), pretrain_and_score)
+      rows.append({"name": method, "seed": seed, "wall_s": cached["wall_s"],
+                   **cached["results"]})
+      dense_results[f"{method} s{seed}"] = cached
+      curve = {0: {k: v for k, v in rows[seed_index(rows, seed)].items()
+                   if "/" in k and not k.startswith("se/")}}
+      curve[cached["step"]] = cached["results"]
+      # Intermediate checkpoints, and points scored before (their checkpoints may be gone).
+      scored_before = [int(f[len("curve_"):-len(".json")]) for f in os.listdir(run_dir)
+                       if f.startswith("curve_") and f.endswith(".json")]
+      for step in sorted(set(checkpoint.saved_steps(run_dir) + scored_before) - set(curve)):
+
+        def score_checkpoint(step=step):
+          _, _, variables = checkpoint.load_backbone(run_dir, step)
+          return evaluate.run_all(cheap, variables)
+
+        curve[step] = _cached(os.path.join(run_dir, f"curve_{step}.json"), score_checkpoint)
+      curve = dict(sorted(curve.items()))
+      curves[(method, seed)] = curve
+      bar.update()
+      print("\n" + markdown_table(rows), flush=True)
+  bar.close()
+  total_wall = time.perf_counter() - started
 
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(rows, f, indent=2)
-  if dense is not None:
-    dense_figure(dense.images, dense.label_maps,
-                 {k: r.predictions for k, r in dense_results.items()},
-                 {k: r.miou for k, r in dense_results.items()}, figure)
+    json.dump({"rows": rows, "curves": {f"{m} s{s}": c for (m, s), c in curves.items()}},
+              f, indent=2)
+  summary = summarize(rows, [c[1] for c in COLUMNS])
+  floor = {k: v["mean"] for k, v in summary["random init"].items()}
+  curve_keys = [f"{name}/top1" for name in cheap]
+  if curve_keys:
+    curve_figure(_mean_curves(curves), curve_keys, curves_figure, floor)
+  dense_ok = {k: v for k, v in dense_results.items() if v.get("dense_predictions") is not None}
+  dense_eval = next((e for e in evaluators.values() if hasattr(e, "evaluate")), None)
+  if dense_ok and dense_eval is not None:
+    test = dense_eval.data()[1]
+    dense_figure(test["images"][:FIGURE_SCENES], test["label_maps"][:FIGURE_SCENES],
+                 {k: np.asarray(v["dense_predictions"]) for k, v in dense_ok.items()},
+                 {k: v["dense_miou"] for k, v in dense_ok.items()}, figure, FIGURE_SCENES)
   command = (f"python benchmarks/reproduce.py --methods={','.join(methods)} "
              f"--seeds={','.join(map(str, seeds))}"
              + (f" --variant={variant}" if variant != "fmnist_scenes" else "")
              + (f" --total_steps={total_steps}" if total_steps else ""))
   chance = rows[0].get("corr/chance_acc")
-  section = (f"## MoCo-v2 vs DenseCL vs HoughCL on Fashion-MNIST scenes\n\n"
+  section = (f"## Every method vs random init on Fashion-MNIST scenes\n\n"
              f"{common.machine_header(jax.devices())}\n\n`{command}`\n\n"
              f"Budget (every method): {_budget(first)}. Frozen online backbone, evaluators of "
              f"dense_ssl/evaluate: probes fitted on held-out garments/scenes, correspondence = "
-             f"C5 matches vs geometry within one cell"
-             + (f" (chance {chance:.1%})" if chance is not None else "") + ".\n\n"
-             f"{markdown_table(rows)}\n")
-  if dense is not None:
-    link = os.path.relpath(figure, os.path.dirname(os.path.abspath(results_md)))
-    section += f"\nDense-probe predictions vs ground truth: ![dense probe]({link})\n"
+             f"final-map matches vs geometry within one cell"
+             + (f" (chance {chance:.1%})" if chance is not None else "") + ". "
+             f"Whole command: {total_wall / 60:.1f} min wall (cached runs count only their "
+             f"evaluation).\n\n"
+             f"Mean ± std over seeds; ✓ / ✗: beats random init by more than twice the combined "
+             f"standard error (seeds' spread and the held-out sets' sampling error), or not.\n\n"
+             f"{summary_table(summary)}\n\nEvery run:\n\n{markdown_table(rows)}\n")
+  here = os.path.dirname(os.path.abspath(results_md))
+  if curve_keys:
+    section += (f"\nProbe curves over pretraining (mean over seeds): "
+                f"![probe curves]({os.path.relpath(curves_figure, here)})\n")
+  if dense_ok and dense_eval is not None:
+    section += (f"\nDense-probe predictions vs ground truth: "
+                f"![dense probe]({os.path.relpath(figure, here)})\n")
   old = open(results_md).read() if os.path.exists(results_md) else "# Benchmark results\n"
   with open(results_md, "w") as f:
     f.write(replace_section(old, section))
   return rows
+
+
+def seed_index(rows: Sequence[dict[str, Any]], seed: int) -> int:
+  """Index of the random-init row of `seed` (the step-0 point of every curve of that seed)."""
+  return next(i for i, r in enumerate(rows) if r["name"] == "random init" and r["seed"] == seed)
 
 
 def _define_flags() -> None:
@@ -204,6 +399,7 @@ def _define_flags() -> None:
   flags.DEFINE_list("seeds", ["0"], "Seeds: one pretraining run per method and seed.")
   flags.DEFINE_integer("total_steps", None, "Overrides the variant's budget.")
   flags.DEFINE_string("variant", "fmnist_scenes", "Config variant of every method.")
+  flags.DEFINE_integer("curve_points", 4, "Checkpoints per run scored for the probe curves.")
 
 
 def main(argv):
@@ -211,7 +407,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
   reproduce(f.workdir, f.methods, [int(s) for s in f.seeds], variant=f.variant,
-            total_steps=f.total_steps)
+            total_steps=f.total_steps, curve_points=f.curve_points)
 
 
 if __name__ == "__main__":

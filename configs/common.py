@@ -51,7 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
       freeze_early_epochs=0.0))
 
   # Frozen-backbone evaluators (dense_ssl/evaluate), by name: {"type": registered name, params}.
-  # They run on process 0 every `eval_every_steps` (0 = once, at the end) when any are set.
+  # They run on process 0 every `eval_every_steps` (0 = once, at the end; otherwise also at
+  # step 0, the initialisation's baseline) when any are set.
   c.evals = ml_collections.ConfigDict()
   c.eval_every_steps = 0
 

@@ -56,6 +56,17 @@ def restore_latest(manager: ocp.CheckpointManager, state: Any) -> Any:
   return flax.serialization.from_state_dict(state, restored)
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of a run's checkpoints, oldest first ([] when it has none)."""
+  if not _directory(workdir).exists():
+    return []
+  manager = ocp.CheckpointManager(_directory(workdir),
+                                  item_handlers=ocp.StandardCheckpointHandler())
+  steps = sorted(manager.all_steps())
+  manager.close()
+  return steps
+
+
 def save_config(workdir: str, config: Any) -> None:
   """Writes the resolved config next to the checkpoints (export and evaluation read it)."""
   path = epath.Path(workdir)

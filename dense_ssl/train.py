@@ -275,6 +275,10 @@ def run(config: Any, workdir: str) -> TrainState:
   writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
                         if isinstance(v, (int, float, str, bool))})
 
+  if evaluators and config.eval_every_steps and start_step == 0:
+    # The initialisation's numbers: the baseline each later evaluation is read against.
+    _run_evals(evaluators, method, state, 0, writer, workdir)
+
   # --- Loop ----------------------------------------------------------------------------------
   history: list[tuple[int, dict[str, Any]]] = []
   pending: list[tuple[int, dict[str, Any]]] = []

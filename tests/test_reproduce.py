@@ -1,6 +1,7 @@
 """The pieces of benchmarks/reproduce.py (the full run is the lead's): table, file section,
 evaluation of a backbone, and the dense-probe figure, on real fmnist scenes."""
 
+import json
 import re
 
 import matplotlib.image
@@ -60,27 +61,60 @@ def test_evaluate_backbone_and_dense_figure(tmp_path):
   assert len({tuple(c) for c in reproduce.SEG_COLOURS}) == scenes.NUM_SEGMENTATION_CLASSES
 
 
+def test_summary_marks_only_margins_beyond_twice_the_combined_error():
+  rows = [{"name": "random init", "seed": s, "knn/top1": p, "se/knn/top1": 0.01}
+          for s, p in enumerate((0.30, 0.32, 0.31))]
+  rows += [{"name": "good", "seed": s, "knn/top1": p, "se/knn/top1": 0.01}
+           for s, p in enumerate((0.40, 0.42, 0.41))]
+  rows += [{"name": "close", "seed": s, "knn/top1": p, "se/knn/top1": 0.01}
+           for s, p in enumerate((0.31, 0.33, 0.32))]
+  summary = reproduce.summarize(rows, ["knn/top1"])
+  floor = summary["random init"]["knn/top1"]
+  assert floor["n"] == 3 and abs(floor["mean"] - 0.31) < 1e-12
+  assert abs(floor["std"] - 0.01) < 1e-12  # ddof 1
+  # Spread over seeds (0.01/√3) and the shared sampling error (0.01), combined.
+  assert abs(floor["se"] - np.sqrt(0.01 ** 2 / 3 + 0.01 ** 2)) < 1e-12
+  lines = {line.split("|")[1].strip(): line for line in
+           reproduce.summary_table(summary).splitlines()[2:]}
+  assert "✓" in lines["good"] and "41.0% ± 1.0" in lines["good"]
+  assert "✗" in lines["close"]
+  assert "✓" not in lines["random init"] and "✗" not in lines["random init"]
+
+
 def test_reproduce_end_to_end_on_the_test_variant(tmp_path):
-  """One MoCo-v2 step on the `test` variant, tiny evaluators: table, JSON, figure, section."""
+  """Two MoCo-v2 steps on the `test` variant, tiny evaluators: tables, curves, JSON, figures,
+  section; the same command again reads every result back instead of recomputing it."""
   results_md = tmp_path / "RESULTS.md"
   results_md.write_text("# Benchmark results\n\nother section\n")
   tiny = {"knn": {"num_train": 40, "num_test": 20, "image_size": 32},
           "dense": {"num_train": 16, "num_test": 6, "image_size": 64, "steps": 5},
           "corr": {"type": "correspondence", "num_pairs": 4, "scene_size": 64,
                    "image_size": 64}}
-  rows = reproduce.reproduce(str(tmp_path / "runs"), ["mocov2"], [3], variant="test",
-                             total_steps=1, evals=tiny, results_md=str(results_md),
-                             figure=str(tmp_path / "dense.png"))
+  kwargs = dict(variant="test", total_steps=2, evals=tiny, results_md=str(results_md),
+                figure=str(tmp_path / "dense.png"), curves_figure=str(tmp_path / "curves.png"),
+                curve_points=2, progress=False)
+  rows = reproduce.reproduce(str(tmp_path / "runs"), ["mocov2"], [3], **kwargs)
   assert [r["name"] for r in rows] == ["random init", "mocov2"]
   assert rows[1]["seed"] == 3 and rows[1]["wall_s"] > 0
   for row in rows:
     assert {"knn/top1", "dense/miou", "corr/argmax_acc", "corr/chance_acc"} <= set(row)
+    assert 0 < row["se/knn/top1"] < 0.2  # sqrt(p(1-p)/20)
   text = results_md.read_text()
   assert text.startswith("# Benchmark results\n\nother section\n")
-  assert "--variant=test --total_steps=1`" in text
+  assert "--variant=test --total_steps=2`" in text
   assert re.search(r"\|\s+random init \|\s+3 \|", text)
   assert re.search(r"\|\s+mocov2 \|\s+3 \|", text)
-  assert "![dense probe](dense.png)" in text
+  assert re.search(r"\|\s+mocov2 \|\s+1 \|.*[✓✗]", text)  # the summary, with its verdict
+  assert "![dense probe](dense.png)" in text and "![probe curves](curves.png)" in text
   assert (tmp_path / "dense.png").stat().st_size > 10_000
-  assert (tmp_path / "runs" / "results.json").exists()
+  assert (tmp_path / "curves.png").stat().st_size > 10_000
+  results = json.loads((tmp_path / "runs" / "results.json").read_text())
+  # The curve: random init at step 0, the checkpoint of step 1 (k-NN only), the final step.
+  curve = results["curves"]["mocov2 s3"]
+  assert sorted(map(int, curve)) == [0, 1, 2] and set(curve["1"]) == {"knn/top1"}
   assert (tmp_path / "runs" / "mocov2_seed3" / "config.json").exists()
+
+  # Again: every number is read back (a killed reproduction resumes); no training, same table.
+  (tmp_path / "runs" / "mocov2_seed3" / "checkpoints").rename(tmp_path / "moved")
+  again = reproduce.reproduce(str(tmp_path / "runs"), ["mocov2"], [3], **kwargs)
+  assert again == rows

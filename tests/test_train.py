@@ -251,11 +251,12 @@ def test_bad_configs_fail_before_compiling(override, expected, tmp_path):
 
 
 def test_evaluators_of_config_evals_run_during_training(tmp_path):
-  """config.evals runs every eval_every_steps and at the end: logged and written per step."""
+  """config.evals runs on the initialisation, every eval_every_steps and at the end: logged and
+  written per step."""
   tiny_corr = {"type": "correspondence", "num_pairs": 4, "scene_size": 96, "image_size": 96}
   config = _config("mocov2", total_steps=3, eval_every_steps=2, evals={"corr": tiny_corr})
   train.run(config, str(tmp_path))
-  for step in (2, 3):
+  for step in (0, 2, 3):
     with open(tmp_path / f"eval_{step}.json") as f:
       results = json.load(f)
     assert results["step"] == step
