@@ -251,3 +251,83 @@ def test_test_config_trains_through_main_on_8_devices(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "over 8 devices" in out.stderr
   assert "train/patch_acc=" in out.stderr and "train/loss=" in out.stderr
+
+
+def _timm_relative_position_index(side):
+  """timm's `gen_relative_position_index` for a side x side window, written out in numpy."""
+  coords = np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="ij")).reshape(2, -1)
+  rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (side - 1)
+  rel[:, :, 0] *= 2 * side - 1
+  num = (2 * side - 1)**2 + 3
+  index = np.zeros((side * side + 1,) * 2, np.int64)
+  index[1:, 1:] = rel.sum(-1)
+  index[0, 0:], index[0:, 0], index[0, 0] = num - 3, num - 2, num - 1
+  return index
+
+
+def test_timm_beit_export_computes_our_tokens_in_torch(tmp_path):
+  """The exported state_dict through timm's Beit forward (global_pool="token"), written in
+  torch ops, gives our tokens on garment images: names, BEiT's table indexing, the dropped key
+  bias and LayerScale all checked by one forward."""
+  torch = pytest.importorskip("torch")
+  import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+  from dense_ssl import export, models  # pylint: disable=import-outside-toplevel
+  backbone = models.build(_config().model)  # vit_micro8, rel-pos, no abs positions, LS 0.1
+  images = np.asarray(scenes.single_garments("probe_test", n=2, size=32, seed=1)[0])
+  x = (images / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  shapes = jax.eval_shape(lambda: backbone.module.init(jax.random.key(0),
+                                                       jnp.zeros((1, 32, 32, 3))))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: np.asarray(0.2 * rng.standard_normal(s.shape), np.float32),
+                        shapes["params"])
+  ours = np.asarray(backbone.module.apply({"params": params}, jnp.asarray(x, jnp.float32),
+                                          train=False))
+  variables = {"params": params, "batch_stats": {}}
+  assert export.available_formats(backbone) == ["timm_beit"]
+  path = export.export(backbone, variables, "timm_beit", str(tmp_path / "beit.pth"))
+  sd = torch.load(path)
+  assert "pos_embed" not in sd and "mask_token" not in sd
+  assert sd["blocks.0.attn.relative_position_bias_table"].shape == (52, 2)
+  assert {"blocks.1.gamma_1", "blocks.1.attn.q_bias", "blocks.1.attn.v_bias"} <= set(sd)
+  with pytest.raises(ValueError, match="timm_beit"):
+    export.to_timm(params)
+
+  heads, width = 2, 64
+  t = torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float32))
+  w = sd["patch_embed.proj.weight"]
+  h = F.conv2d(t, w, sd["patch_embed.proj.bias"], stride=8).flatten(2).transpose(1, 2)
+  h = torch.cat([sd["cls_token"].expand(2, -1, -1), h], dim=1)
+  index = torch.from_numpy(_timm_relative_position_index(4)).reshape(-1)
+  norm = lambda y, p: F.layer_norm(y, (width,), sd[f"{p}.weight"], sd[f"{p}.bias"], eps=1e-6)
+  for b in range(2):
+    p = f"blocks.{b}"
+    y = norm(h, f"{p}.norm1")
+    bias = torch.cat([sd[f"{p}.attn.q_bias"], torch.zeros(width), sd[f"{p}.attn.v_bias"]])
+    q, k, v = F.linear(y, sd[f"{p}.attn.qkv.weight"], bias).reshape(
+        2, 17, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    rel = sd[f"{p}.attn.relative_position_bias_table"][index].reshape(17, 17, heads)
+    attn = (q * (width // heads)**-0.5) @ k.transpose(-2, -1) + rel.permute(2, 0, 1)
+    y = (attn.softmax(-1) @ v).transpose(1, 2).reshape(2, 17, width)
+    h = h + sd[f"{p}.gamma_1"] * F.linear(y, sd[f"{p}.attn.proj.weight"],
+                                          sd[f"{p}.attn.proj.bias"])
+    y = F.gelu(F.linear(norm(h, f"{p}.norm2"), sd[f"{p}.mlp.fc1.weight"], sd[f"{p}.mlp.fc1.bias"]))
+    h = h + sd[f"{p}.gamma_2"] * F.linear(y, sd[f"{p}.mlp.fc2.weight"], sd[f"{p}.mlp.fc2.bias"])
+  theirs = norm(h, "norm").numpy()
+  np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_and_dense_probes_run_on_the_conmim_backbone(tiny):
+  """The evaluators reach ConMIM's ViT (relative bias, no absolute positions) through the
+  method, at the grid it was initialised on."""
+  from dense_ssl import evaluate  # pylint: disable=import-outside-toplevel
+  method, v = tiny["method"], tiny["variables"]
+  variables = method.backbone_variables(v["params"], v["batch_stats"])
+  assert "rel_pos" in variables["params"]["block0"]
+  evals = evaluate.from_config(
+      {"linear": {"type": "linear", "num_train": 64, "num_test": 32, "image_size": 32,
+                  "steps": 20},
+       "dense": {"type": "dense", "num_train": 16, "num_test": 8, "image_size": 32,
+                 "steps": 5, "use_c4": False}}, method.backbone)
+  out = evaluate.run_all(evals, variables)
+  assert 0.0 <= out["linear/top1"] <= 1.0
+  assert any(k.startswith("dense/") for k in out) and all(np.isfinite(list(out.values())))
