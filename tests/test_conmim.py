@@ -134,7 +134,7 @@ def test_drop_path_is_random_in_training_and_off_in_eval():
   a = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
   b = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(3)})
   assert not np.allclose(a, ev) and not np.allclose(a, b)
-  # The first block's rate is 0 (timm's linear dpr); the last block's is 0.5.
+  # Kept branches are scaled by 1 / (1 - rate): the expectation is unchanged.
   assert vit.drop_path(jnp.ones((1000, 1)), 0.5, jax.random.key(0)).mean() == pytest.approx(
       1.0, abs=0.1)
 
