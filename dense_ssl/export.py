@@ -68,6 +68,15 @@ head-major, as timm splits them; LayerScale is `ls1.gamma`/`ls2.gamma` (`init_va
 mask token (ConMIM) has no timm counterpart and is not exported. Inputs are normalised as in
 training (ImageNet mean/std, RGB).
 
+timm_beit format (ViTs with BEiT's relative position bias or no absolute positions, ConMIM):
+a timm `Beit` `state_dict`, for `timm.create_model("beit_base_patch16_224", global_pool="token",
+num_classes=0)` (our final norm is timm's per-token `norm`; `global_pool="avg"` would train a new
+`fc_norm`): `blocks.i.attn.relative_position_bias_table` is our table as it is (BEiT's indexing),
+`q_bias`/`v_bias` are our query/value biases and our key bias is dropped, which is exact (it
+adds q·b_k to every logit of a query's row, which the softmax cancels); LayerScale is
+`gamma_1`/`gamma_2`; `relative_position_index` is a non-persistent buffer in timm and not
+written. A ViT writes the one of `timm`/`timm_beit` that fits it (`available_formats`).
+
 Running statistics: flax updates the running variance with the biased batch variance where torch
 uses the unbiased one (see `dense_ssl.models.resnet`); `num_batches_tracked` is written as 0
 because BatchNorm with a momentum never reads it.
@@ -91,7 +100,7 @@ import numpy as np
 from dense_ssl import extras
 
 # Per backbone family, the formats it exports to.
-FORMATS = {"resnet": ("torchvision", "detectron2"), "vit": ("timm",)}
+FORMATS = {"resnet": ("torchvision", "detectron2"), "vit": ("timm", "timm_beit")}
 
 # Submodules of a block, in torchvision's state_dict order, and their torchvision names.
 _BLOCK_LAYERS = (("conv1", "conv1"), ("bn1", "bn1"), ("conv2", "conv2"), ("bn2", "bn2"),
@@ -211,7 +220,8 @@ def _timm_block(p: dict, prefix: str) -> dict[str, np.ndarray]:
   return out
 
 
-def to_timm(params: dict, batch_stats: dict | None = None) -> dict[str, np.ndarray]:
+def to_timm(params: dict, batch_stats: dict | None = None, *,
+            check_positions: bool = True) -> dict[str, np.ndarray]:
   """The ViT's flax params as a timm VisionTransformer state_dict (numpy, no `head.*`; module
   docstring), in timm's state_dict order."""
   del batch_stats  # A ViT has none.
@@ -219,13 +229,17 @@ def to_timm(params: dict, batch_stats: dict | None = None) -> dict[str, np.ndarr
   if "patch_embed" not in params or not blocks:
     raise ValueError(f"These params do not look like a dense_ssl ViT (top-level keys "
                      f"{sorted(params)}); pass the backbone's own tree, state.params['backbone'].")
-  pos = _float32(params["pos_embed"])
-  state = {"cls_token": _float32(params["cls_token"]),
-           # A zero position for the cls token: timm's default ViT adds it, ours has none.
-           "pos_embed": np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1),
-           "patch_embed.proj.weight": np.ascontiguousarray(
+  if check_positions and ("pos_embed" not in params or "rel_pos" in params[blocks[0]]):
+    raise ValueError("This ViT has BEiT's relative position bias or no absolute position "
+                     "table, which timm's VisionTransformer lacks; export it as 'timm_beit'.")
+  state = {"cls_token": _float32(params["cls_token"])}
+  if "pos_embed" in params:
+    pos = _float32(params["pos_embed"])
+    # A zero position for the cls token: timm's default ViT adds it, ours has none.
+    state["pos_embed"] = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
+  state.update({"patch_embed.proj.weight": np.ascontiguousarray(
                _float32(params["patch_embed"]["kernel"]).transpose(3, 2, 0, 1)),
-           "patch_embed.proj.bias": _float32(params["patch_embed"]["bias"])}
+           "patch_embed.proj.bias": _float32(params["patch_embed"]["bias"])})
   for i, block in enumerate(blocks):
     state.update(_timm_block(params[block], f"blocks.{i}"))
   state["norm.weight"] = _float32(params["norm"]["scale"])
@@ -233,12 +247,43 @@ def to_timm(params: dict, batch_stats: dict | None = None) -> dict[str, np.ndarr
   return state
 
 
+def to_timm_beit(params: dict, batch_stats: dict | None = None) -> dict[str, np.ndarray]:
+  """The ViT's flax params as a timm Beit state_dict (numpy, no `head.*`; module docstring)."""
+  del batch_stats
+  base = to_timm(params, check_positions=False)
+  state = {}
+  for key, value in base.items():
+    block = re.match(r"(blocks\.\d+)\.(.*)", key)
+    if not block:
+      state[key] = value
+      continue
+    prefix, rest = block.groups()
+    p = params[f"block{prefix.split('.')[1]}"]
+    if rest == "attn.qkv.weight":
+      width = value.shape[1]
+      state[f"{prefix}.attn.qkv.weight"] = value
+      state[f"{prefix}.attn.q_bias"] = _float32(p["attn"]["query"]["bias"]).reshape(width)
+      state[f"{prefix}.attn.v_bias"] = _float32(p["attn"]["value"]["bias"]).reshape(width)
+      if "rel_pos" in p:
+        state[f"{prefix}.attn.relative_position_bias_table"] = _float32(p["rel_pos"]["table"])
+    elif rest == "attn.qkv.bias":
+      continue
+    else:
+      state[f"{prefix}.{ {'ls1.gamma': 'gamma_1', 'ls2.gamma': 'gamma_2'}.get(rest, rest)}"] = value
+  return state
+
+
 def _probe_size(backbone: Any, variables: dict[str, Any]) -> int:
   """An image side at which `backbone` creates the shapes of `variables`: a ViT's position
-  table is sized by the image it is initialised on."""
+  table (or its first block's relative position bias window) is sized by the image it is
+  initialised on."""
   if backbone.family != "vit":
     return 64
-  table = np.shape(variables.get("params", {}).get("pos_embed", np.zeros((1, 16, 1))))
+  params = variables.get("params", {})
+  if "pos_embed" not in params and "rel_pos" in params.get("block0", {}):
+    rows = np.shape(params["block0"]["rel_pos"]["table"])[0]
+    return (int(round((rows - 3)**0.5)) + 1) // 2 * backbone.stride
+  table = np.shape(params.get("pos_embed", np.zeros((1, 16, 1))))
   return int(round(table[1]**0.5)) * backbone.stride
 
 
@@ -309,12 +354,21 @@ def _all_formats() -> list[str]:
 def available_formats(backbone: Any) -> list[str]:
   """The formats of `backbone`'s family that this machine can write (.pth needs torch)."""
   have_torch = importlib.util.find_spec("torch") is not None
-  formats = [f for f in FORMATS.get(backbone.family, ())
-             if have_torch or not default_output("", f).endswith(".pth")]
-  if not have_torch and len(formats) < len(FORMATS.get(backbone.family, ())):
+  fitting = [f for f in FORMATS.get(backbone.family, ()) if _fits(backbone, f)]
+  formats = [f for f in fitting if have_torch or not default_output("", f).endswith(".pth")]
+  if not have_torch and len(formats) < len(fitting):
     logging.warning('torch is not installed: skipping the .pth exports (pip install '
                     '"dense_ssl[torch]").')
   return formats
+
+
+def _fits(backbone: Any, format: str) -> bool:  # pylint: disable=redefined-builtin
+  """Whether a ViT's timm export is `format`: BEiT's for relative bias or no position table."""
+  if backbone.family != "vit" or format not in ("timm", "timm_beit"):
+    return True
+  beit = bool(getattr(backbone.module, "rel_pos_bias", False)) or (
+      getattr(backbone.module, "pos_embed", "learned") == "none")
+  return beit == (format == "timm_beit")
 
 
 def default_output(workdir: str, format: str) -> str:  # pylint: disable=redefined-builtin
@@ -329,7 +383,7 @@ def export(backbone: Any, variables: dict[str, Any], format: str,  # pylint: dis
   _check_format(format, backbone.family)
   check_backbone(backbone, variables)
   convert = {"torchvision": to_torchvision, "detectron2": to_detectron2,
-             "timm": to_timm}[format]
+             "timm": to_timm, "timm_beit": to_timm_beit}[format]
   save(convert(variables["params"], variables.get("batch_stats", {})), output)
   return output
 

@@ -22,13 +22,25 @@ both interpolate to other crop grids and export alike; the sin-cos table gets no
 and must be frozen in the optimiser (`config.optim.frozen`), or weight decay would shrink it.
 
 Blocks are timm's pre-norm blocks (LayerNorm eps 1e-6, exact GELU, qkv with bias), optionally
-with LayerScale (ConMIM/BEiT use 0.1). Initialisation follows timm: Linear layers normal std
+with LayerScale (ConMIM/BEiT use 0.1), BEiT's relative position bias and stochastic depth:
+
+* `rel_pos_bias`: per block, a learned (heads,) bias for every relative offset (dy, dx) of two
+  patches, plus three entries for cls->patch, patch->cls and cls->cls, added to the attention
+  logits; BEiT's table of (2W-1)² + 3 rows indexed as BEiT's `relative_position_index`. It is
+  zero at init (BEiT's), so a fresh model computes what it computes without it. The table is
+  sized by the grid of `init`; any smaller grid reads its offsets from the same table exactly
+  (every offset of a smaller grid is an offset of the larger), so no interpolation is needed.
+  BEiT runs it without absolute positions (`pos_embed="none"`).
+* `drop_path`: the stochastic-depth rate of the last block, linearly from 0 at the first (timm's
+  `dpr`); each residual branch is dropped per example with that probability when `train`, and
+  the kept ones scaled by 1 / (1 - rate). It draws from the "dropout" rng; off in eval. Initialisation follows timm: Linear layers normal std
 0.02 (timm's trunc_normal_ with absolute bounds +-2) with zero bias, pos_embed and mask_token
 the same, cls_token normal std 1e-6, the patch embedding PyTorch's default Conv2d init.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -43,6 +55,58 @@ from dense_ssl.models import heads
 _normal_002 = nn.initializers.normal(stddev=0.02)
 
 
+def relative_position_index(side: int) -> np.ndarray:
+  """BEiT's `relative_position_index` of a side x side grid: (1 + L, 1 + L) rows of the table
+  of a window `side` (token 0 is cls; the last three rows are cls->patch, patch->cls, cls->cls)."""
+  return relative_position_index_in(side, side)
+
+
+def relative_position_index_in(grid: int, window: int) -> np.ndarray:
+  """The index of a grid x grid input into the table of a larger `window` (module doc)."""
+  rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+  coords = np.stack([rows.reshape(-1), cols.reshape(-1)])  # (2, L)
+  rel = coords[:, :, None] - coords[:, None, :] + (window - 1)  # (2, L, L), shifted to >= 0
+  distances = (2 * window - 1)**2 + 3
+  index = np.zeros((grid * grid + 1,) * 2, np.int32)
+  index[1:, 1:] = rel[0] * (2 * window - 1) + rel[1]
+  index[0, :] = distances - 3
+  index[:, 0] = distances - 2
+  index[0, 0] = distances - 1
+  return index
+
+
+class RelativePositionBias(nn.Module):
+  """BEiT's per-block relative position bias: (heads, 1 + L, 1 + L) for a square grid."""
+
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, grid: tuple[int, int]) -> jax.Array:
+    if grid[0] != grid[1]:
+      raise ValueError(f"The relative position bias needs a square token grid, got {grid}; "
+                       "use square crops.")
+    # The table keeps the window it was initialised on; smaller grids index into it.
+    rows = (self.get_variable("params", "table").shape[0]
+            if self.has_variable("params", "table") else (2 * grid[0] - 1)**2 + 3)
+    window = int(round((rows - 3)**0.5 + 1)) // 2
+    if grid[0] > window:
+      raise ValueError(f"A {grid[0]}x{grid[0]} token grid is larger than the {window}x{window} "
+                       "window the relative position bias was trained on; evaluate at that "
+                       "image size or smaller.")
+    table = self.param("table", nn.initializers.zeros, (rows, self.num_heads))
+    index = relative_position_index_in(grid[0], window)
+    return jnp.transpose(jnp.take(table, jnp.asarray(index), axis=0), (2, 0, 1))
+
+
+def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Stochastic depth: zeroes each example's residual branch with probability `rate` and
+  scales the kept ones by 1 / (1 - rate); the identity without an rng or at rate 0."""
+  if rng is None or rate <= 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+
+
 class Block(nn.Module):
   """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
@@ -50,21 +114,29 @@ class Block(nn.Module):
   mlp_ratio: float = 4.0
   layer_scale: float | None = None
   dtype: Any = jnp.float32
+  rel_pos_bias: bool = False
+  drop_path: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, grid: tuple[int, int] | None = None,
+               train: bool = False) -> jax.Array:
     width = x.shape[-1]
 
     def scaled(y, name):
-      if self.layer_scale is None:
-        return y
-      gamma = self.param(name, nn.initializers.constant(self.layer_scale), (width,))
-      return y * gamma.astype(y.dtype)
+      if self.layer_scale is not None:
+        gamma = self.param(name, nn.initializers.constant(self.layer_scale), (width,))
+        y = y * gamma.astype(y.dtype)
+      dropping = train and self.drop_path > 0.0
+      return drop_path(y, self.drop_path, self.make_rng("dropout") if dropping else None)
 
+    attention_fn = nn.dot_product_attention
+    if self.rel_pos_bias:
+      bias = RelativePositionBias(self.num_heads, name="rel_pos")(grid)
+      attention_fn = functools.partial(nn.dot_product_attention, bias=bias.astype(self.dtype))
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
     y = nn.MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
                                         kernel_init=_normal_002, deterministic=True,
-                                        name="attn")(y, y)
+                                        attention_fn=attention_fn, name="attn")(y, y)
     x = x + scaled(y, "ls1")
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
     y = nn.Dense(int(width * self.mlp_ratio), kernel_init=_normal_002, dtype=self.dtype,
@@ -86,8 +158,10 @@ class ViT(nn.Module):
     mlp_ratio: MLP hidden width / D.
     layer_scale: initial LayerScale value, or None for no LayerScale.
     use_mask_token: create the learned `mask_token` (needed for `mask=`).
-    pos_embed: "learned" or "sincos" (the string option; the table itself is the param of
-      the same name).
+    pos_embed: "learned", "sincos" (the string option; the table itself is the param of
+      the same name) or "none" (BEiT with `rel_pos_bias`: no absolute positions).
+    rel_pos_bias: BEiT's relative position bias in every block (module doc).
+    drop_path: the stochastic-depth rate of the last block (module doc); 0 = off.
     dtype: computation dtype; parameters stay float32.
   """
 
@@ -99,6 +173,8 @@ class ViT(nn.Module):
   layer_scale: float | None = None
   use_mask_token: bool = False
   pos_embed: str = "learned"
+  rel_pos_bias: bool = False
+  drop_path: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -108,7 +184,8 @@ class ViT(nn.Module):
 
     Args:
       x: normalised NHWC images.
-      train: unused (no dropout or BatchNorm); kept for the common backbone signature.
+      train: training mode: stochastic depth (`drop_path`) is on, drawing from the "dropout"
+        rng; no other effect (no BatchNorm).
       keep_idx: (N, K) int, the patch positions kept (token dropping), in any order; the
         output's patch tokens follow this order. Default: all L patches in row-major order.
       pos_idx: (N, K) int (or (N, L) without keep_idx), the position whose embedding each
@@ -118,7 +195,6 @@ class ViT(nn.Module):
 
     Returns the tokens after the final LayerNorm, (N, 1 + K, D) in `dtype`; token 0 is cls.
     """
-    del train
     n, h, w, c = x.shape
     p = self.patch_size
     if c != 3 or h % p or w % p:
@@ -140,36 +216,46 @@ class ViT(nn.Module):
       _check_shape("mask", mask, (n, num_patches))
       x = jnp.where(mask[..., None], mask_token.astype(x.dtype), x)
 
-    # The table keeps the size of the grid it was initialised on; other grids interpolate it.
-    positions = (self.get_variable("params", "pos_embed").shape[1]
-                 if self.has_variable("params", "pos_embed") else num_patches)
     if self.pos_embed not in POS_EMBEDS:
       raise ValueError(f"Unknown ViT pos_embed={self.pos_embed!r} (config.model.pos_embed); "
                        f"valid choices: {', '.join(POS_EMBEDS)}.")
-    init = _normal_002 if self.pos_embed == "learned" else sincos_init
-    pos_embed = self.param("pos_embed", init, (1, positions, self.width))
-    if self.pos_embed == "sincos":  # fixed, as MoCo v3's requires_grad=False
-      pos_embed = jax.lax.stop_gradient(pos_embed)
-    pos_embed = resize_pos_embed(pos_embed, (h // p, w // p))
+    if keep_idx is not None and self.rel_pos_bias:
+      raise ValueError("Token dropping (keep_idx) leaves no grid for the relative position "
+                       "bias; set config.model.rel_pos_bias=False to drop tokens.")
     if keep_idx is not None:
       _check_shape("keep_idx", keep_idx, (n, keep_idx.shape[-1]))
       x = jnp.take_along_axis(x, keep_idx[..., None], axis=1)
     positions = keep_idx if pos_idx is None else pos_idx
-    if positions is None:
-      x = x + pos_embed.astype(x.dtype)
+    if self.pos_embed == "none":
+      if pos_idx is not None:
+        raise ValueError("pos_idx= assigns position embeddings, but this ViT has none "
+                         "(pos_embed='none'); use config.model.pos_embed='learned'.")
     else:
-      _check_shape("pos_idx", positions, x.shape[:2])
-      x = x + jnp.take(pos_embed[0], positions, axis=0).astype(x.dtype)
+      # The table keeps the size of the grid it was initialised on; other grids interpolate it.
+      table_len = (self.get_variable("params", "pos_embed").shape[1]
+                   if self.has_variable("params", "pos_embed") else num_patches)
+      init = _normal_002 if self.pos_embed == "learned" else sincos_init
+      pos_embed = self.param("pos_embed", init, (1, table_len, self.width))
+      if self.pos_embed == "sincos":  # fixed, as MoCo v3's requires_grad=False
+        pos_embed = jax.lax.stop_gradient(pos_embed)
+      pos_embed = resize_pos_embed(pos_embed, (h // p, w // p))
+      if positions is None:
+        x = x + pos_embed.astype(x.dtype)
+      else:
+        _check_shape("pos_idx", positions, x.shape[:2])
+        x = x + jnp.take(pos_embed[0], positions, axis=0).astype(x.dtype)
 
     cls = self.param("cls_token", nn.initializers.normal(stddev=1e-6), (1, 1, self.width))
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, self.width)), x], axis=1)
     for i in range(self.depth):
+      rate = self.drop_path * i / max(self.depth - 1, 1)
       x = Block(self.num_heads, self.mlp_ratio, self.layer_scale, self.dtype,
-                name=f"block{i}")(x)
+                rel_pos_bias=self.rel_pos_bias, drop_path=rate,
+                name=f"block{i}")(x, (h // p, w // p), train)
     return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
 
 
-POS_EMBEDS = ("learned", "sincos")
+POS_EMBEDS = ("learned", "sincos", "none")
 
 
 def sincos_table(side: int, width: int, temperature: float = 10000.0) -> jax.Array:
