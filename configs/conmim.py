@@ -11,12 +11,13 @@ wd 0.05); published fine-tuning top-1 83.7 (ViT-B/16 800 ep), 82.0 (ViT-S/16 300
 The mask is the official `random_mps32`: 32 px squares (2 x 2 patches), ceil(0.75 · 49) = 37
 of them; `--config.method.mask.kind=blockwise` is BEiT's block-wise masking.
 
-Not in REFERENCES.md, taken from BEiT's pre-training recipe that ConMIM's code builds on (check
-against TencentARC/ConMIM's scripts before quoting): batch 2048, lr 1.5e-3 at that batch
-(scaled linearly from base 2048), 10 warm-up epochs, gradient clipping at global norm 3, drop
-path 0.1, no absolute position embedding (relative bias only), crop scale 0.08-1, and the
-teacher's colour preset (BYOL's second view: jitter 0.4/0.4/0.2/0.1 p 0.8, grey 0.2, blur 0.5,
-solarise 0.2).
+From TencentARC/ConMIM's pre-training script (`run_conmim_pretraining.py` defaults and the
+README's command): BEiT's relative position bias *shared* by all blocks and no absolute position
+table, layer scale 0.1 for ViT-B, drop path 0, teacher momentum 0.996, batch 2048 (64 per GPU x
+32), 10 warm-up epochs, gradient clipping at global norm 1.0, constant weight decay. Not given
+for ViT-B there, taken from BEiT-B's recipe that ConMIM's code builds on: lr 1.5e-3 at batch 2048
+(the README's ViT-L uses 7.5e-4), crop scale 0.08-1, and the teacher's colour preset (BYOL's
+second view: jitter 0.4/0.4/0.2/0.1 p 0.8, grey 0.2, blur 0.5, solarise 0.2).
 
 Variants: `vit_s16` (ViT-S/16, 300 epochs), `demo` (embedded photos, ViT-micro/8 at 64 px),
 `test` (tiny), `fmnist_scenes` (the reproduction benchmark's protocol, ViT-micro/8 at 96 px,
@@ -65,7 +66,8 @@ def fmnist_scenes(c):
 def get_config(arg=None):
   c = common.base_config()
   c.model = common.vit_model("vit_b16", pos_embed="none")
-  c.model.update(dict(rel_pos_bias=True, layer_scale=0.1, use_mask_token=True, drop_path=0.1))
+  c.model.update(dict(rel_pos_bias=True, shared_rel_pos_bias=True, layer_scale=0.1,
+                      use_mask_token=True, drop_path=0.0))
   c.batch_size = 2048
   c.total_epochs = 800.0
   c.data.crop_scale = (0.08, 1.0)
@@ -76,7 +78,7 @@ def get_config(arg=None):
       mask=dict(kind="random", ratio=0.75, block=2, min_patches=16, min_aspect=0.3)))
   c.optim.update(dict(
       name="adamw", lr=1.5e-3, base_batch_size=2048, b1=0.9, b2=0.98, weight_decay=0.05,
-      warmup_epochs=10.0, clip_grad_norm=3.0,
+      warmup_epochs=10.0, clip_grad_norm=1.0,
       # BEiT's no-decay set: biases, norms, 1-D LayerScale, the tokens and the bias tables.
       no_decay=(r"bias$", r"scale$", r"ls\d$", r"cls_token$", r"mask_token$", r"rel_pos/table$")))
   return common.apply_variant(c, arg, {"default": None, "vit_s16": vit_s16, "demo": demo,

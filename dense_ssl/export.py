@@ -229,7 +229,8 @@ def to_timm(params: dict, batch_stats: dict | None = None, *,
   if "patch_embed" not in params or not blocks:
     raise ValueError(f"These params do not look like a dense_ssl ViT (top-level keys "
                      f"{sorted(params)}); pass the backbone's own tree, state.params['backbone'].")
-  if check_positions and ("pos_embed" not in params or "rel_pos" in params[blocks[0]]):
+  if check_positions and ("pos_embed" not in params or "rel_pos" in params
+                          or "rel_pos" in params[blocks[0]]):
     raise ValueError("This ViT has BEiT's relative position bias or no absolute position "
                      "table, which timm's VisionTransformer lacks; export it as 'timm_beit'.")
   state = {"cls_token": _float32(params["cls_token"])}
@@ -252,6 +253,8 @@ def to_timm_beit(params: dict, batch_stats: dict | None = None) -> dict[str, np.
   del batch_stats
   base = to_timm(params, check_positions=False)
   state = {}
+  if "rel_pos" in params:  # one table for every block (timm's use_shared_rel_pos_bias=True)
+    state["rel_pos_bias.relative_position_bias_table"] = _float32(params["rel_pos"]["table"])
   for key, value in base.items():
     block = re.match(r"(blocks\.\d+)\.(.*)", key)
     if not block:
@@ -280,8 +283,9 @@ def _probe_size(backbone: Any, variables: dict[str, Any]) -> int:
   if backbone.family != "vit":
     return 64
   params = variables.get("params", {})
-  if "pos_embed" not in params and "rel_pos" in params.get("block0", {}):
-    rows = np.shape(params["block0"]["rel_pos"]["table"])[0]
+  rel_pos = params.get("rel_pos", params.get("block0", {}).get("rel_pos"))
+  if "pos_embed" not in params and rel_pos is not None:
+    rows = np.shape(rel_pos["table"])[0]
     return (int(round((rows - 3)**0.5)) + 1) // 2 * backbone.stride
   table = np.shape(params.get("pos_embed", np.zeros((1, 16, 1))))
   return int(round(table[1]**0.5)) * backbone.stride

@@ -123,6 +123,17 @@ def test_relative_position_bias_shapes_zero_init_and_smaller_grids():
   assert out.shape == (2, 5, 64)
   with pytest.raises(ValueError, match="larger than the 4x4 window"):
     model.apply(variables, np.zeros((1, 64, 64, 3), np.float32), train=False)
+  # Shared: one table at the top for all blocks, none in the blocks; the same zero-init identity.
+  shared = vit.get("vit_micro8", rel_pos_bias=True, shared_rel_pos_bias=True, pos_embed="none",
+                   layer_scale=0.1, use_mask_token=True)
+  shared_vars = shared.init(jax.random.key(0), images, train=False)
+  assert shared_vars["params"]["rel_pos"]["table"].shape == table.shape
+  assert not any("rel_pos" in v for k, v in shared_vars["params"].items() if k.startswith("block"))
+  without_shared = {k: v for k, v in shared_vars["params"].items() if k != "rel_pos"}
+  np.testing.assert_array_equal(shared.apply(shared_vars, images, train=False),
+                                plain.apply({"params": without_shared}, images, train=False))
+  with pytest.raises(ValueError, match="rel_pos_bias=True"):
+    vit.get("vit_micro8", shared_rel_pos_bias=True).init(jax.random.key(0), images, train=False)
 
 
 def test_drop_path_is_random_in_training_and_off_in_eval():
@@ -187,13 +198,13 @@ def test_bad_configs_fail_before_compiling():
 
 def test_recipes():
   c = _config("default")
-  assert (c.model.name, c.model.pos_embed, c.model.rel_pos_bias, c.model.layer_scale) == (
-      "vit_b16", "none", True, 0.1)
+  assert (c.model.name, c.model.pos_embed, c.model.rel_pos_bias, c.model.shared_rel_pos_bias,
+          c.model.layer_scale, c.model.drop_path) == ("vit_b16", "none", True, True, 0.1, 0.0)
   assert (c.total_epochs, c.method.temperature, c.method.momentum, c.method.mask.ratio) == (
       800.0, 0.1, 0.996, 0.75)
   assert (c.optim.name, c.optim.b1, c.optim.b2, c.optim.weight_decay) == ("adamw", 0.9, 0.98,
                                                                           0.05)
-  assert (c.method.hidden, c.method.dim, c.optim.clip_grad_norm) == (4096, 256, 3.0)
+  assert (c.method.hidden, c.method.dim, c.optim.clip_grad_norm) == (4096, 256, 1.0)
   s = _config("vit_s16")
   assert (s.model.name, s.total_epochs) == ("vit_s16", 300.0)
   presets = c.augment.presets
@@ -265,14 +276,17 @@ def _timm_relative_position_index(side):
   return index
 
 
-def test_timm_beit_export_computes_our_tokens_in_torch(tmp_path):
+@pytest.mark.parametrize("shared", [True, False])
+def test_timm_beit_export_computes_our_tokens_in_torch(shared, tmp_path):
   """The exported state_dict through timm's Beit forward (global_pool="token"), written in
   torch ops, gives our tokens on garment images: names, BEiT's table indexing, the dropped key
-  bias and LayerScale all checked by one forward."""
+  bias and LayerScale all checked by one forward; the bias table shared by all blocks (timm's
+  use_shared_rel_pos_bias, ConMIM's default) or one per block."""
   torch = pytest.importorskip("torch")
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
   from dense_ssl import export, models  # pylint: disable=import-outside-toplevel
-  backbone = models.build(_config().model)  # vit_micro8, rel-pos, no abs positions, LS 0.1
+  # vit_micro8, rel-pos, no abs positions, LS 0.1
+  backbone = models.build(_config(**{"model.shared_rel_pos_bias": shared}).model)
   images = np.asarray(scenes.single_garments("probe_test", n=2, size=32, seed=1)[0])
   x = (images / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
   shapes = jax.eval_shape(lambda: backbone.module.init(jax.random.key(0),
@@ -287,7 +301,12 @@ def test_timm_beit_export_computes_our_tokens_in_torch(tmp_path):
   path = export.export(backbone, variables, "timm_beit", str(tmp_path / "beit.pth"))
   sd = torch.load(path)
   assert "pos_embed" not in sd and "mask_token" not in sd
-  assert sd["blocks.0.attn.relative_position_bias_table"].shape == (52, 2)
+
+  def table_key(block):
+    return ("rel_pos_bias" if shared else f"{block}.attn") + ".relative_position_bias_table"
+
+  assert sd[table_key("blocks.0")].shape == (52, 2)
+  assert ("blocks.0.attn.relative_position_bias_table" in sd) == (not shared)
   assert {"blocks.1.gamma_1", "blocks.1.attn.q_bias", "blocks.1.attn.v_bias"} <= set(sd)
   with pytest.raises(ValueError, match="timm_beit"):
     export.to_timm(params)
@@ -305,7 +324,7 @@ def test_timm_beit_export_computes_our_tokens_in_torch(tmp_path):
     bias = torch.cat([sd[f"{p}.attn.q_bias"], torch.zeros(width), sd[f"{p}.attn.v_bias"]])
     q, k, v = F.linear(y, sd[f"{p}.attn.qkv.weight"], bias).reshape(
         2, 17, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-    rel = sd[f"{p}.attn.relative_position_bias_table"][index].reshape(17, 17, heads)
+    rel = sd[table_key(p)][index].reshape(17, 17, heads)
     attn = (q * (width // heads)**-0.5) @ k.transpose(-2, -1) + rel.permute(2, 0, 1)
     y = (attn.softmax(-1) @ v).transpose(1, 2).reshape(2, 17, width)
     h = h + sd[f"{p}.gamma_1"] * F.linear(y, sd[f"{p}.attn.proj.weight"],
@@ -322,7 +341,7 @@ def test_linear_and_dense_probes_run_on_the_conmim_backbone(tiny):
   from dense_ssl import evaluate  # pylint: disable=import-outside-toplevel
   method, v = tiny["method"], tiny["variables"]
   variables = method.backbone_variables(v["params"], v["batch_stats"])
-  assert "rel_pos" in variables["params"]["block0"]
+  assert "rel_pos" in variables["params"]  # the table shared by every block
   evals = evaluate.from_config(
       {"linear": {"type": "linear", "num_train": 64, "num_test": 32, "image_size": 32,
                   "steps": 20},

@@ -30,7 +30,9 @@ with LayerScale (ConMIM/BEiT use 0.1), BEiT's relative position bias and stochas
   zero at init (BEiT's), so a fresh model computes what it computes without it. The table is
   sized by the grid of `init`; any smaller grid reads its offsets from the same table exactly
   (every offset of a smaller grid is an offset of the larger), so no interpolation is needed.
-  BEiT runs it without absolute positions (`pos_embed="none"`).
+  BEiT runs it without absolute positions (`pos_embed="none"`). With `shared_rel_pos_bias`
+  one table at the ViT's top level (`rel_pos`) serves every block instead: BEiT's
+  `use_shared_rel_pos_bias`, which ConMIM's pre-training turns on by default.
 * `drop_path`: the stochastic-depth rate of the last block, linearly from 0 at the first (timm's
   `dpr`); each residual branch is dropped per example with that probability when `train`, and
   the kept ones scaled by 1 / (1 - rate). It draws from the "dropout" rng; off in eval. Initialisation follows timm: Linear layers normal std
@@ -119,7 +121,8 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, grid: tuple[int, int] | None = None,
-               train: bool = False) -> jax.Array:
+               train: bool = False, bias: jax.Array | None = None) -> jax.Array:
+    """`bias`: a (heads, 1 + L, 1 + L) attention bias from outside (the shared table)."""
     width = x.shape[-1]
 
     def scaled(y, name):
@@ -132,6 +135,7 @@ class Block(nn.Module):
     attention_fn = nn.dot_product_attention
     if self.rel_pos_bias:
       bias = RelativePositionBias(self.num_heads, name="rel_pos")(grid)
+    if bias is not None:
       attention_fn = functools.partial(nn.dot_product_attention, bias=bias.astype(self.dtype))
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
     y = nn.MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
@@ -161,6 +165,7 @@ class ViT(nn.Module):
     pos_embed: "learned", "sincos" (the string option; the table itself is the param of
       the same name) or "none" (BEiT with `rel_pos_bias`: no absolute positions).
     rel_pos_bias: BEiT's relative position bias in every block (module doc).
+    shared_rel_pos_bias: with `rel_pos_bias`, one table for all blocks (module doc).
     drop_path: the stochastic-depth rate of the last block (module doc); 0 = off.
     dtype: computation dtype; parameters stay float32.
   """
@@ -174,6 +179,7 @@ class ViT(nn.Module):
   use_mask_token: bool = False
   pos_embed: str = "learned"
   rel_pos_bias: bool = False
+  shared_rel_pos_bias: bool = False
   drop_path: float = 0.0
   dtype: Any = jnp.float32
 
@@ -247,11 +253,17 @@ class ViT(nn.Module):
 
     cls = self.param("cls_token", nn.initializers.normal(stddev=1e-6), (1, 1, self.width))
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, self.width)), x], axis=1)
+    if self.shared_rel_pos_bias and not self.rel_pos_bias:
+      raise ValueError("shared_rel_pos_bias shares the relative position bias, which is off; "
+                       "set config.model.rel_pos_bias=True as well.")
+    shared = self.rel_pos_bias and self.shared_rel_pos_bias
+    bias = (RelativePositionBias(self.num_heads, name="rel_pos")((h // p, w // p))
+            .astype(self.dtype) if shared else None)
     for i in range(self.depth):
       rate = self.drop_path * i / max(self.depth - 1, 1)
       x = Block(self.num_heads, self.mlp_ratio, self.layer_scale, self.dtype,
-                rel_pos_bias=self.rel_pos_bias, drop_path=rate,
-                name=f"block{i}")(x, (h // p, w // p), train)
+                rel_pos_bias=self.rel_pos_bias and not shared, drop_path=rate,
+                name=f"block{i}")(x, (h // p, w // p), train, bias)
     return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
 
 
