@@ -53,6 +53,10 @@ COLUMNS = (
     ("corr. argmax ±1", "corr/argmax_acc", "{:.1%}"),
     ("corr. argmax exact", "corr/argmax_acc_exact", "{:.1%}"),
     ("corr. Hough ±1", "corr/hough_acc", "{:.1%}"),
+    ("corr. Hough exact", "corr/hough_acc_exact", "{:.1%}"),
+    ("Hough identity share", "corr/hough_identity", "{:.0%}"),
+    ("corr. Hough rev. 1 ±1", "corr/hough_v1_acc", "{:.1%}"),
+    ("corr. identity ±1", "corr/identity_acc", "{:.1%}"),
 )
 SEG_COLOURS = np.array(
     [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
