@@ -1,6 +1,7 @@
 """What DenseCL's and HoughCL's heads add to MoCo-v2's, timed without the backbone.
 
     python benchmarks/heads.py                       # batch 8, 7x7 C5 maps of 2048, queue 65536
+    python benchmarks/heads.py --methods=mocov2,densecl,houghcl,houghcl_mirror,houghcl_v1
 
 The step ratio DenseCL/MoCo-v2 of `step.py` divides a few hundred milliseconds of dense work
 by a backbone step that, on a shared CPU, varies by 20-50% between rounds. Here the part that
@@ -34,6 +35,12 @@ from dense_ssl.methods import densecl, houghcl, mocov2  # pylint: disable=wrong-
 from dense_ssl.models import heads  # pylint: disable=wrong-import-position
 
 COLUMNS = ("head", "batch", "ms", "spread", "GFLOP", "GFLOP/s")
+# HoughCL's head is DenseCL's with its matcher: revision 2 (the default, METHODS.md §1b, with
+# the mirrored family of bins as `houghcl_mirror`) or revision 1 (§1).
+MATCHERS = {"densecl": densecl.argmax_matcher, "houghcl": houghcl.hough_v2_matcher,
+            "houghcl_mirror": functools.partial(
+                houghcl.hough_v2_matcher, params=houghcl.matchers.HoughParams(mirror=True)),
+            "houghcl_v1": houghcl.hough_matcher}
 TEMPERATURE = 0.2
 
 
@@ -46,7 +53,7 @@ def head_fn(method: str, neck: Any, chunk: int) -> Callable[..., Any]:
     if method == "mocov2":
       value, aux = mocov2.head_loss(q_out, k_out, queue, TEMPERATURE)
       return value, aux["queue"]
-    matcher = houghcl.hough_matcher if method == "houghcl" else densecl.argmax_matcher
+    matcher = MATCHERS[method]
     value, aux = densecl.head_loss(q_map, q_out, k_map, k_out, queue, dense_queue,
                                    temperature=TEMPERATURE, loss_lambda=0.5, matcher=matcher,
                                    dense_chunk=chunk)
@@ -112,6 +119,12 @@ def extra_lines(rows: Sequence[dict[str, Any]], step_ms: float) -> list[str]:
       line += (f"; with a {common.fmt(step_ms)} ms MoCo-v2 step: step ratio "
                f"{common.fmt(1.0 + 1e3 * extra / step_ms)}")
     lines.append(line)
+  dense = next((r for r in rows if r["head"] == "densecl"), None)
+  for r in rows if dense is not None else ():
+    if r["head"].startswith("houghcl"):  # the matcher's own cost: the heads differ only there
+      extra = common.median([t - b for t, b in zip(r["times"], dense["times"])])
+      lines.append(f"{r['head']} matcher - densecl argmax: {common.fmt(1e3 * extra)} ms, "
+                   f"{common.fmt((r['flops'] - dense['flops']) / 1e9)} GFLOP")
   return lines
 
 

@@ -59,6 +59,10 @@ COLUMNS = (
     ("corr. argmax ±1", "corr/argmax_acc", "{:.1%}"),
     ("corr. argmax exact", "corr/argmax_acc_exact", "{:.1%}"),
     ("corr. Hough ±1", "corr/hough_acc", "{:.1%}"),
+    ("corr. Hough exact", "corr/hough_acc_exact", "{:.1%}"),
+    ("Hough identity share", "corr/hough_identity", "{:.0%}"),
+    ("corr. Hough rev. 1 ±1", "corr/hough_v1_acc", "{:.1%}"),
+    ("corr. identity ±1", "corr/identity_acc", "{:.1%}"),
 )
 # The claims the table checks against random init (the acceptance of the benchmark).
 VERDICT_KEYS = ("linear/top1", "knn/top1", "dense/miou")

@@ -92,6 +92,122 @@ def hough_voting(f1: jax.Array, f2: jax.Array, grid: int) -> HoughMatch:
 
 
 # ---------------------------------------------------------------------------------------------
+# HoughCL revision 2 (METHODS.md §1b): centred cells, ReLU(cos)^p votes, a Gaussian-smoothed
+# Hough space read as the mean vote per bin, and optionally a mirrored-offset family of bins.
+# ---------------------------------------------------------------------------------------------
+
+
+def mirror_bins(grid: int) -> np.ndarray:
+  """(S², S²) int32: bin_m(i, j) = (dy + S-1)(2S-1) + (x_i + x_j), the offsets of a pair of
+  views of which one is flipped horizontally (x_j = S-1 - x_i + dx' maps to one sum)."""
+  y, x = np.divmod(np.arange(grid * grid), grid)
+  dy = y[None, :] - y[:, None]
+  return ((dy + grid - 1) * (2 * grid - 1) + x[:, None] + x[None, :]).astype(np.int32)
+
+
+def _sum_one_hot(grid: int) -> np.ndarray:
+  """(S, S, 2S-1) float32: M[a, c, o] = 1 iff a + c = o (the mirrored x axis of a bin)."""
+  a, c = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+  return np.eye(2 * grid - 1, dtype=np.float32)[a + c]
+
+
+def gaussian_smoothing(bins: int, side: int) -> np.ndarray:
+  """(bins, bins) float32 matrix A with (A h)[o] = Σ_t g[t] h[o + t]: a 1-D Gaussian of `side`
+  taps, σ = side / (2·2.354), normalised to sum 1, zero padding, same size. The 2-D kernel of
+  §1b is the outer product of two such kernels, so smoothing a space H is A·H·Aᵀ."""
+  if side < 1 or side % 2 == 0:
+    raise ValueError(f"The Hough smoothing side must be a positive odd number (a centred "
+                     f"kernel), got {side}; e.g. config.method.hough_smooth_side=3 (1 = none).")
+  half = side // 2
+  taps = np.arange(-half, half + 1, dtype=np.float64)
+  sigma = side / (2 * 2.354)
+  g = np.exp(-taps**2 / (2 * sigma**2))
+  g /= g.sum()
+  o = np.arange(bins)
+  t = o[None, :] - o[:, None]  # (A)[o, o'] = g[o' - o]
+  return np.where(np.abs(t) <= half, g[np.clip(t + half, 0, side - 1)], 0.0).astype(np.float32)
+
+
+def centre_cells(f1: jax.Array, f2: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Step 0 of §1b: L2-normalised cells minus their grid position's mean over the batch and both
+  views, normalised again. The mean runs over the whole (global) batch axis: under `jit` on a
+  sharded batch XLA reduces across devices, so the result does not depend on the device count."""
+  l2n = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  f1 = l2n(jax.lax.stop_gradient(f1).astype(jnp.float32))
+  f2 = l2n(jax.lax.stop_gradient(f2).astype(jnp.float32))
+  mu = 0.5 * (jnp.mean(f1, axis=0) + jnp.mean(f2, axis=0))
+  return l2n(f1 - mu), l2n(f2 - mu)
+
+
+class HoughParams(NamedTuple):
+  """Revision 2's parameters (METHODS.md §1b), as `config.method.hough_*` sets them."""
+  power: float = 3.0
+  smooth_side: int = 3
+  kappa: float = 3.0
+  mirror: bool = False
+
+
+class HoughMatchV2(NamedTuple):
+  """The revision-2 match and its intermediates (all without gradient)."""
+  match: jax.Array  # (N, P) int32
+  fallback: jax.Array  # (N, P) bool, rows decided by argmax of the centred similarity
+  sim: jax.Array  # (N, P, P) centred cosine
+  w: jax.Array  # (N, P, P) ReLU(sim)^p
+  hough: jax.Array  # (N, (2S-1)²) mean vote per offset bin, smoothed and shrunk (Hbar)
+  geo: jax.Array  # (N, P, P) Hbar[bin(i,j)] (+ Hbar_m[bin_m(i,j)] with mirror)
+  conf: jax.Array  # (N, P, P) w * geo
+
+
+def _mean_votes(w5: jax.Array, first: np.ndarray, second: np.ndarray, smooth: np.ndarray,
+                w_mean: jax.Array, kappa: float) -> jax.Array:
+  """Steps 3-5 for one family of bins: (N, B, B) Hbar = (G∗H + κ·w̄) / (G∗cnt + κ)."""
+  hough = jnp.einsum("nabcd,aco,bdp->nop", w5, first, second, precision=_HIGHEST)
+  count = np.einsum("ac,bd,aco,bdp->op", np.ones(first.shape[:2]), np.ones(second.shape[:2]),
+                    first.astype(np.float64), second.astype(np.float64))
+  smoothed = jnp.einsum("or,nrs,ps->nop", smooth, hough, smooth, precision=_HIGHEST)
+  count = (smooth.astype(np.float64) @ count @ smooth.T.astype(np.float64)).astype(np.float32)
+  return (smoothed + kappa * w_mean[:, None, None]) / (count + kappa)
+
+
+def hough_voting_v2(f1: jax.Array, f2: jax.Array, grid: int,
+                    params: HoughParams = HoughParams()) -> HoughMatchV2:
+  """HoughCL's matcher, revision 2 (METHODS.md §1b), on (N, S², C) backbone cells of one batch.
+
+  f1, f2 need not be normalised (step 0 normalises, then centres over the batch). conf[n,i,j] =
+  w[n,i,j]·geo[n,i,j]; match = first argmax_j of conf, or of the centred sim where a query has
+  no positive vote (an all-zero conf row).
+  """
+  n, cells, _ = f1.shape
+  if cells != grid * grid or f2.shape[:2] != (n, cells):
+    raise ValueError(f"hough_voting_v2 needs features of shape (N, {grid}², C) for a grid of "
+                     f"{grid}; got {f1.shape} and {f2.shape}.")
+  if params.power <= 0 or params.kappa < 0:
+    raise ValueError(f"Hough revision 2 needs power > 0 and kappa >= 0, got power="
+                     f"{params.power}, kappa={params.kappa} (config.method.hough_power, "
+                     f"hough_kappa).")
+  g1, g2 = centre_cells(f1, f2)
+  sim = jnp.einsum("nic,njc->nij", g1, g2, precision=_HIGHEST)
+  power = float(params.power)
+  w = jax.nn.relu(sim) ** (int(power) if power.is_integer() else power)
+  w5 = w.reshape(n, grid, grid, grid, grid)
+  w_mean = jnp.mean(w, axis=(1, 2))
+  bins = 2 * grid - 1
+  smooth = gaussian_smoothing(bins, int(params.smooth_side))
+  offset = _offset_one_hot(grid)
+  kappa = float(params.kappa)
+  hough = _mean_votes(w5, offset, offset, smooth, w_mean, kappa).reshape(n, -1)
+  geo = hough[:, offset_bins(grid)]
+  if params.mirror:
+    hough_m = _mean_votes(w5, offset, _sum_one_hot(grid), smooth, w_mean, kappa)
+    geo = geo + hough_m.reshape(n, -1)[:, mirror_bins(grid)]
+  conf = w * geo
+  fallback = jnp.max(conf, axis=-1) == 0
+  match = jnp.where(fallback, jnp.argmax(sim, axis=-1), jnp.argmax(conf, axis=-1))
+  return HoughMatchV2(match=match.astype(jnp.int32), fallback=fallback, sim=sim, w=w,
+                      hough=hough, geo=geo, conf=conf)
+
+
+# ---------------------------------------------------------------------------------------------
 # Ground truth from the correspondence grids, and the accuracy of a matcher against it.
 # ---------------------------------------------------------------------------------------------
 

@@ -6,8 +6,9 @@
 Each row shows view 1 and, to its right and half a view lower, view 2, with one line per query
 cell of view 1 whose true match lies in view 2: the geometric ground truth (from the pipeline's
 correspondence grids, `matchers.geometric`) in green, the learned match (argmax of backbone C5
-similarity, as DenseCL) in orange and, when the run is HoughCL, the Hough-voted match in magenta. A learned line that
-coincides with the green one is a correct match. Titles give each matcher's accuracy (within
+similarity, as DenseCL) in orange and, when the run is HoughCL, the Hough-voted match of
+revision 2 (METHODS.md §1b, the method's default; cells centred over the drawn pairs) in magenta
+and revision 1's in grey. A learned line that coincides with the green one is a correct match. Titles give each matcher's accuracy (within
 one cell, as `dense_ssl.evaluate.correspondence`). Without --output the figure is written to
 `<workdir>/matches_<step>.png`.
 """
@@ -31,7 +32,8 @@ matplotlib.use("Agg")  # Files only: no display on training machines.
 import matplotlib.pyplot as plt
 from matplotlib.collections import LineCollection
 
-COLOURS = {"truth": "#2ca02c", "argmax": "#ff7f0e", "hough": "#c000c0"}
+COLOURS = {"truth": "#2ca02c", "argmax": "#ff7f0e", "hough": "#c000c0", "hough_v1": "#808080",
+           "identity": "#1f77b4"}
 _GAP = 8  # pixels between the two views
 
 
@@ -121,7 +123,8 @@ def run(workdir: str, step: int | None = None, output: str | None = None, *,
   from dense_ssl import checkpoint  # pylint: disable=g-import-not-at-top  (orbax)
   config = checkpoint.load_config_dict(workdir)
   step, backbone, variables = checkpoint.load_backbone(workdir, step)
-  matchers = ("argmax", "hough") if config["method"]["name"] == "houghcl" else ("argmax",)
+  matchers = (("argmax", "hough", "hough_v1") if config["method"]["name"] == "houghcl"
+              else ("argmax",))
   pairs = correspondence.make_pairs(demo_or_scene_images(images, num_pairs, seed), seed=seed,
                                     image_size=image_size, stride=backbone.stride)
   fig = match_figure(backbone, variables, pairs, matchers=matchers)

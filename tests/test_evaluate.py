@@ -279,8 +279,9 @@ def test_correspondence_prefers_the_colour_edge_backbone(random_init, colour_edg
   pairs = corr.pairs()
   assert pairs["view1"].shape == (64, 128, 128, 3) and pairs["view1_coords"].shape == (64, 4, 4, 2)
   rand, edge = dict(corr.run(random_init)), dict(corr.run(colour_edge))
-  assert set(edge) == {"argmax_acc", "argmax_acc_exact", "hough_acc", "hough_acc_exact",
-                       "chance_acc"}
+  assert set(edge) == {f"{m}_{k}" for m in ("argmax", "hough", "hough_v1", "identity")
+                       for k in ("acc", "acc_exact", "identity")} | {"chance_acc"}
+  assert edge["identity_identity"] == 1.0
   assert rand["chance_acc"] == edge["chance_acc"] < rand["argmax_acc"]
   assert edge["argmax_acc"] > rand["argmax_acc"] + 0.05, (edge, rand)
 

@@ -122,6 +122,116 @@ def test_hough_voting_rejects_a_wrong_grid():
     matchers.hough_voting(f, f, 4)
 
 
+# --- Hough revision 2 (METHODS.md §1b) -------------------------------------------------------
+
+
+def _position_coded_views(rng, *, n=8, grid=5, dim=32, shift=1, noise=0.5, code=2.0,
+                          flip=False):
+  """C5-like cells: per-image content plus a strong code of the absolute grid position shared
+  by every image (what makes revision 1 pick the zero offset). View 2 sees the content shifted
+  `shift` columns left (flipped horizontally first with `flip`), plus noise; returns f1, f2
+  and the true key cell of every query cell (-1 where it left the view)."""
+  content = rng.normal(size=(n, grid, grid + shift, dim))
+  position = 0.0 + code * rng.normal(size=(grid, grid, dim))
+  f1 = content[:, :, :grid] + position
+  seen = content[:, :, shift:]  # key column x shows content column x + shift
+  if flip:
+    seen = seen[:, :, ::-1]  # key column x shows content column S-1-x + shift
+  f2 = seen + position + noise * rng.normal(size=seen.shape)
+  truth = np.full((grid, grid), -1)
+  for y, x in itertools.product(range(grid), range(grid)):
+    key_x = (grid - 1 - (x - shift)) if flip else x - shift
+    if 0 <= key_x < grid:
+      truth[y, x] = y * grid + key_x
+  return (np.maximum(f1, 0).reshape(n, -1, dim), np.maximum(f2, 0).reshape(n, -1, dim),
+          truth.reshape(-1))
+
+
+def _hit_rate(match, truth):
+  keep = truth >= 0
+  return float(np.mean(np.asarray(match)[:, keep] == truth[keep]))
+
+
+def test_revision_2_recovers_a_shift_that_revision_1_sends_to_the_zero_offset():
+  f1, f2, truth = _position_coded_views(np.random.default_rng(0))
+  grid = 5
+  l2n = lambda x: jnp.asarray(_unit(x), jnp.float32)
+  v1 = matchers.hough_voting(l2n(f1), l2n(f2), grid).match
+  v2 = matchers.hough_voting_v2(f1, f2, grid)
+  identity = np.arange(grid * grid)
+  assert np.mean(np.asarray(v1) == identity) > 0.9  # the position code wins
+  assert _hit_rate(v2.match, truth) > 0.9
+  assert np.mean(np.asarray(v2.match) == identity) < 0.1
+  assert not np.any(v2.fallback)
+
+
+def test_mirrored_offsets_recover_a_flipped_view():
+  f1, f2, truth = _position_coded_views(np.random.default_rng(1), noise=0.8, flip=True)
+  plain = matchers.hough_voting_v2(f1, f2, 5)
+  mirror = matchers.hough_voting_v2(f1, f2, 5, matchers.HoughParams(mirror=True))
+  assert _hit_rate(mirror.match, truth) > 0.9
+  assert _hit_rate(mirror.match, truth) > _hit_rate(plain.match, truth) + 0.05
+
+
+def test_revision_2_centres_over_the_global_batch_on_8_devices():
+  """The per-position mean is over the whole batch: sharding it over 8 devices (and jit's
+  cross-device reduction) gives the single-device result."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  f1, f2, _ = _position_coded_views(np.random.default_rng(2), n=16, noise=1.0)
+  f1, f2 = jnp.asarray(f1, jnp.float32), jnp.asarray(f2, jnp.float32)
+  params = matchers.HoughParams(mirror=True)
+  fn = jax.jit(lambda a, b: matchers.hough_voting_v2(a, b, 5, params))
+  one = fn(f1, f2)
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  sharded = NamedSharding(mesh, PartitionSpec("data"))
+  eight = fn(jax.device_put(f1, sharded), jax.device_put(f2, sharded))
+  assert len(eight.match.sharding.device_set) == 8
+  np.testing.assert_array_equal(eight.match, one.match)
+  np.testing.assert_allclose(eight.sim, one.sim, atol=1e-6)
+  np.testing.assert_allclose(eight.conf, one.conf, rtol=1e-5, atol=1e-7)
+  # A per-shard mean (two images per device) would centre differently.
+  per_shard = [matchers.centre_cells(f1[i:i + 2], f2[i:i + 2])[0] for i in range(0, 16, 2)]
+  assert float(jnp.max(jnp.abs(jnp.concatenate(per_shard) - matchers.centre_cells(f1, f2)[0]))) \
+      > 1e-2
+
+
+def test_gaussian_smoothing_is_the_normalised_2d_kernel():
+  a = matchers.gaussian_smoothing(9, 3)
+  space = np.zeros((9, 9), np.float32)
+  space[4, 4] = 1.0
+  kernel = (a @ space @ a.T)[3:6, 3:6]
+  sigma = 3 / (2 * 2.354)
+  t = np.arange(-1, 2)
+  ref = np.exp(-(t[:, None]**2 + t[None]**2) / (2 * sigma**2))
+  np.testing.assert_allclose(kernel, ref / ref.sum(), rtol=1e-6)
+  np.testing.assert_allclose((a @ space @ a.T).sum(), 1.0, rtol=1e-6)
+  np.testing.assert_array_equal(matchers.gaussian_smoothing(5, 1), np.eye(5))
+  for side in (0, 2, 4):
+    with pytest.raises(ValueError, match="odd"):
+      matchers.gaussian_smoothing(9, side)
+
+
+def test_mirror_bins_layout():
+  grid = 4
+  bins = matchers.mirror_bins(grid)
+  y, x = np.divmod(np.arange(grid * grid), grid)
+  # A horizontally mirrored pair (same row, x_j = S-1-x_i) lands in one bin for every cell.
+  mirrored = y * grid + (grid - 1 - x)
+  assert len(set(bins[np.arange(grid * grid), mirrored])) == 1
+  assert bins.min() == 0 and bins.max() == (2 * grid - 1) ** 2 - 1
+
+
+def test_revision_2_has_no_gradient_and_rejects_bad_input():
+  rng = np.random.default_rng(3)
+  f1, f2 = (jnp.asarray(rng.normal(size=(2, 9, 4)), jnp.float32) for _ in range(2))
+  g = jax.grad(lambda a: jnp.sum(matchers.hough_voting_v2(a, f2, 3).conf))(f1)
+  np.testing.assert_array_equal(g, 0.0)
+  with pytest.raises(ValueError, match="grid of 4"):
+    matchers.hough_voting_v2(f1, f2, 4)
+  with pytest.raises(ValueError, match="hough_power"):
+    matchers.hough_voting_v2(f1, f2, 3, matchers.HoughParams(power=0.0))
+
+
 # --- geometric ground truth ------------------------------------------------------------------
 
 

@@ -222,3 +222,30 @@ def test_half_precision_runs_the_backbone_in_bfloat16_and_the_heads_in_float32()
                                        half(outs[1]), *qs, **kwargs)
   assert low.dtype == jnp.float32 and aux["queue"].buffer.dtype == jnp.float32
   np.testing.assert_allclose(low, full, rtol=2e-2)
+
+
+def test_houghcl_reports_its_match_beside_densecl_argmax_and_revision_1(hough):
+  metrics = hough["metrics"]
+  for name in ("corr_acc", "corr_acc_exact", "corr_acc_argmax", "corr_acc_argmax_exact",
+               "corr_acc_hough_v1", "corr_acc_hough_v1_exact", "identity_share"):
+    assert 0.0 <= float(metrics[name]) <= 1.0, name
+
+
+def test_houghcl_matcher_follows_the_config():
+  config = _config("houghcl")
+  assert config.method.hough_revision == 2  # revision 2 (METHODS.md §1b) is the default
+  method = methods.create(config)
+  assert method.matcher.keywords["params"] == methods.houghcl.matchers.HoughParams()
+  config.method.hough_revision, config.method.hough_mirror = 2, True
+  config.method.hough_kappa = 1.0
+  params = methods.create(config).matcher.keywords["params"]
+  assert params.mirror and params.kappa == 1.0
+  config.method.hough_revision = 1
+  assert methods.create(config).matcher is methods.houghcl.hough_matcher
+  for key, value, message in (("hough_revision", 3, "hough_revision"),
+                              ("hough_smooth_side", 2, "hough_smooth_side"),
+                              ("hough_kappa", -1.0, "hough_kappa")):
+    bad = _config("houghcl")
+    bad.method[key] = value
+    with pytest.raises(ValueError, match=message):
+      methods.base.method_class(bad).check_config(bad, 1)

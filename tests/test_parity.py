@@ -211,6 +211,64 @@ def _houghcl_case(path, *, n=3, s=5, c=20, d=12, k=40, t=0.2, seed=11):
            case=np.int32(2), seed=np.int64(seed))
 
 
+def _houghcl_v2_case(path, *, n=4, s=5, c=18, power=3.0, side=3, kappa=3.0, mirror=True,
+                     seed=5):
+  """Writes a HoughCL revision-2 file (METHODS.md §1b keys) from a float64 numpy reference:
+  votes accumulated pair by pair (np.add.at), the 2-D Gaussian applied as a padded sum of
+  shifted copies."""
+  rng = np.random.default_rng(seed)
+  p, b = s * s, 2 * s - 1
+  # Raw post-ReLU cells with a shared per-position component (what centring removes).
+  pos = rng.normal(size=(1, p, c)) * 2.0
+  f1 = np.maximum(rng.normal(size=(n, p, c)) + pos, 0)
+  f2 = np.maximum(rng.normal(size=(n, p, c)) + pos, 0)
+  h1, h2 = _l2n(f1), _l2n(f2)
+  mu = 0.5 * (h1.mean(0) + h2.mean(0))
+  g1, g2 = _l2n(h1 - mu), _l2n(h2 - mu)
+  sim = np.einsum("nic,njc->nij", g1, g2)
+  w = np.maximum(sim, 0) ** power
+  yi, xi = np.divmod(np.arange(p), s)
+  dy = yi[None] - yi[:, None] + s - 1
+  families = [dy * b + (xi[None] - xi[:, None] + s - 1)]
+  if mirror:
+    families.append(dy * b + xi[:, None] + xi[None])
+  t = np.arange(side) - side // 2
+  sigma = side / (2 * 2.354)
+  kern = np.exp(-(t[:, None] ** 2 + t[None] ** 2) / (2 * sigma ** 2))
+  kern /= kern.sum()
+
+  def smooth(space):  # (..., b, b) "same" correlation with zero padding
+    half = side // 2
+    padded = np.pad(space, [(0, 0)] * (space.ndim - 2) + [(half, half)] * 2)
+    out = np.zeros_like(space)
+    for u in range(side):
+      for v in range(side):
+        out += kern[u, v] * padded[..., u:u + b, v:v + b]
+    return out
+
+  w_mean = w.mean((1, 2))
+  geo = np.zeros_like(w)
+  for bins in families:
+    hough, cnt = np.zeros((n, b * b)), np.zeros(b * b)
+    for k in range(n):
+      np.add.at(hough[k], bins, w[k])
+    np.add.at(cnt, bins, 1.0)
+    hs = smooth(hough.reshape(n, b, b)).reshape(n, -1)
+    cs = smooth(cnt.reshape(b, b)).reshape(-1)
+    hbar = (hs + kappa * w_mean[:, None]) / (cs + kappa)
+    geo += hbar[:, bins]
+  conf = w * geo
+  fallback = conf.max(-1) == 0
+  match = np.where(fallback, sim.argmax(-1), conf.argmax(-1)).astype(np.int32)
+  top2 = np.sort(conf, -1)[..., -2:]
+  assert np.all(top2[..., 1] - top2[..., 0] > 1e-4 * top2[..., 1]), "pick another seed"
+  np.savez(path, S=np.int64(s), power=np.float64(power), smooth_side=np.int64(side),
+           kappa=np.float64(kappa), mirror=np.bool_(mirror), f1=f1, f2=f2, sim=sim, w=w,
+           conf=conf, match=match, match_fallback=fallback,
+           identity_fraction=np.float64(np.mean(match == np.arange(p))), case=np.str_("gen"),
+           seed=np.int64(seed))
+
+
 def _dilemma_case(path, *, n=3, s=5, d=12, dp=6, drop=0.75, p=0.2, t=0.2, lam=0.7, seed=11):
   """Writes a DILEMMA vector file (METHODS.md §3 keys) from a float64 numpy reference."""
   rng = np.random.default_rng(seed)
@@ -258,7 +316,7 @@ def _assert_all_pass(rows):
 
 def test_all_formats_are_shipped():
   names = {parity.detect_format(list(np.load(f).files)) for f in SHIPPED}
-  assert names == {"densecl", "houghcl", "univip", "dilemma", "conmim"}
+  assert names == {"densecl", "houghcl", "houghcl_v2", "univip", "dilemma", "conmim"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -282,6 +340,27 @@ def test_generated_houghcl_case_of_other_sizes_passes(tmp_path):
   path = tmp_path / "houghcl_gen.npz"
   _houghcl_case(path)
   _assert_all_pass(parity.check_file(str(path)))
+
+
+@pytest.mark.parametrize("sizes", [dict(), dict(mirror=False, side=5, kappa=1.0, power=2.0),
+                                   dict(n=2, s=6, c=9, seed=2)],
+                         ids=["S5_mirror", "S5_side5", "S6_mirror"])
+def test_generated_houghcl_v2_cases_of_other_sizes_pass(sizes, tmp_path):
+  """Revision 2 with mirrored offsets, other S (odd and even), N, C and parameters."""
+  path = tmp_path / "houghcl_v2_gen.npz"
+  _houghcl_v2_case(path, **sizes)
+  rows = parity.check_file(str(path))
+  assert {"sim", "w", "conf", "match"} <= {r.name for r in rows}
+  _assert_all_pass(rows)
+
+
+def test_houghcl_v2_file_fails_when_the_match_is_wrong(tmp_path):
+  r = dict(np.load(DATA / "houghcl_v2_case1.npz"))
+  r["match"] = r["match"].copy()
+  r["match"][1, 3] = (r["match"][1, 3] + 1) % r["match"].shape[1]
+  np.savez(tmp_path / "bad.npz", **r)
+  failed = {row.name for row in parity.check_file(str(tmp_path / "bad.npz")) if not row.passed}
+  assert "match" in failed
 
 
 @pytest.mark.parametrize("sizes", [dict(), dict(n=4, s=6, d=8, dp=5, drop=0.75, seed=3),
@@ -322,7 +401,8 @@ def test_detect_format_rejects_unknown_files():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("matcher", [densecl.argmax_matcher, houghcl.hough_matcher])
+@pytest.mark.parametrize("matcher", [densecl.argmax_matcher, houghcl.hough_matcher,
+                                     houghcl.hough_v2_matcher])
 def test_dense_head_has_no_gradient_through_keys_queues_or_matching(matcher):
   n, s, c, h, d, k = 2, 3, 8, 6, 4, 6
   rng = np.random.default_rng(0)

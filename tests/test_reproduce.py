@@ -16,15 +16,16 @@ from dense_ssl.evaluate import features
 def test_markdown_table_formats_every_column():
   rows = [{"name": "random init", "seed": 0, "linear/top1": 0.2815, "knn/top1": 0.25,
            "dense/miou": 0.0951, "corr/argmax_acc": 0.6870, "corr/argmax_acc_exact": 0.25,
-           "corr/hough_acc": 0.69},
+           "corr/hough_acc": 0.69, "corr/hough_acc_exact": 0.3, "corr/hough_identity": 0.32,
+           "corr/hough_v1_acc": 0.49, "corr/identity_acc": 0.486},
           {"name": "densecl", "seed": 1, "linear/top1": 0.5, "wall_s": 630.0}]
   lines = reproduce.markdown_table(rows).splitlines()
   cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
   assert len(lines) == 4 and len(cells[0]) == len(reproduce.COLUMNS) + 3
   assert cells[0][2] == "linear top-1" and cells[0][-1] == "pretrain wall time"
   assert cells[2] == ["random init", "0", "28.1%", "25.0%", "9.5%", "68.7%", "25.0%", "69.0%",
-                      "n/a"]
-  assert cells[3] == ["densecl", "1", "50.0%", "n/a", "n/a", "n/a", "n/a", "n/a", "10.5 min"]
+                      "30.0%", "32%", "49.0%", "48.6%", "n/a"]
+  assert cells[3] == ["densecl", "1", "50.0%", *["n/a"] * 9, "10.5 min"]
 
 
 def test_replace_section_keeps_the_rest_of_the_file():

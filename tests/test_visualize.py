@@ -25,7 +25,7 @@ def test_match_figure_draws_the_matches_and_writes_a_png(tmp_path):
   pairs = correspondence.make_pairs(images, seed=0, image_size=128)
   backbone = models.Backbone(MODEL, models.get_backbone(MODEL))
   variables = features.init_variables(backbone)
-  fig = vm.match_figure(backbone, variables, pairs, matchers=("argmax", "hough"))
+  fig = vm.match_figure(backbone, variables, pairs, matchers=("argmax", "hough", "hough_v1"))
 
   learned = correspondence.match_pairs(backbone, variables, pairs)
   truth, valid = (np.asarray(a) for a in matchers.geometric(
@@ -36,9 +36,9 @@ def test_match_figure_draws_the_matches_and_writes_a_png(tmp_path):
     cells = np.flatnonzero(valid[i])
     assert len(cells) > 0
     drawn = {c.get_label(): c for c in ax.collections}
-    assert set(drawn) == {"truth", "argmax", "hough"}
+    assert set(drawn) == {"truth", "argmax", "hough", "hough_v1"}
     for name, match in (("truth", truth[i]), ("argmax", learned["argmax"][i]),
-                        ("hough", learned["hough"][i])):
+                        ("hough", learned["hough"][i]), ("hough_v1", learned["hough_v1"][i])):
       segments = np.asarray(drawn[name].get_segments())
       np.testing.assert_allclose(segments, vm.match_segments(match, 4, 128, cells))
     acc = correspondence.score({"argmax": learned["argmax"][i:i + 1]},

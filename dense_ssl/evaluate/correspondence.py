@@ -4,11 +4,14 @@ Pairs are two views of "probe_test" Fashion-MNIST scenes cut by the training pip
 host geometry (`dense_ssl.data.views.make_views`: random resized crops and flips, with their
 correspondence grids), with a fixed seed per pair. Each view's final map (S x S, S = view size
 / stride: a ResNet's C5, a ViT's patch tokens), L2-normalised per cell, is matched cell to cell
-by DenseCL's argmax similarity and by HoughCL's Hough voting (`dense_ssl.matchers`), and scored
+by DenseCL's argmax similarity, by HoughCL's Hough voting (`hough`: revision 2 of METHODS.md
+§1b, its cells centred over all pairs as one batch; `hough_v1`: revision 1) and by the identity
+(each query cell matched to the key cell at its own grid position, a baseline), and scored
 against the geometric ground truth exactly as the dense methods score themselves online
 (`densecl.correspondence_metrics`):
-`<matcher>_acc` within one cell, `<matcher>_acc_exact` the very cell, and `chance_acc` what a
-uniformly random match would get within one cell. Accuracies pool all valid cells of all pairs.
+`<matcher>_acc` within one cell, `<matcher>_acc_exact` the very cell, `<matcher>_identity` the
+share of its matches equal to the identity's, and `chance_acc` what a uniformly random match
+would get within one cell. Accuracies pool all valid cells of all pairs.
 
 `views` is TensorFlow code (it also runs inside tf.data); it is imported only when pairs are
 made, so the other evaluators run without TensorFlow.
@@ -26,7 +29,15 @@ from dense_ssl.data import scenes, spec
 from dense_ssl.evaluate import base, features
 from dense_ssl.methods import densecl, houghcl
 
-MATCHERS = {"argmax": densecl.argmax_matcher, "hough": houghcl.hough_matcher}
+def identity_matcher(f_q: Any, f_k: Any, grid: int) -> tuple[Any, None]:
+  """The baseline: every query cell to the key cell at the same grid position."""
+  del f_k
+  return jnp.broadcast_to(jnp.arange(grid * grid, dtype=jnp.int32), f_q.shape[:2]), None
+
+
+MATCHERS = {"argmax": densecl.argmax_matcher, "hough": houghcl.hough_v2_matcher,
+            "hough_v1": houghcl.hough_matcher, "identity": identity_matcher}
+DEFAULT_MATCHERS = ("argmax", "hough", "hough_v1", "identity")
 # Keys of `densecl.correspondence_metrics`, renamed per matcher.
 _METRICS = {"corr_acc": "acc", "corr_acc_exact": "acc_exact"}
 
@@ -58,7 +69,7 @@ def cell_features(backbone: models.Backbone, variables: Any, images: np.ndarray,
 
 
 def match_pairs(backbone: models.Backbone, variables: Any, pairs: dict[str, np.ndarray],
-                matchers: Sequence[str] = ("argmax", "hough"),
+                matchers: Sequence[str] = DEFAULT_MATCHERS,
                 batch_size: int = 64) -> dict[str, np.ndarray]:
   """{matcher: (N, S²) key cell chosen for each query cell of view1}."""
   grid = pairs["view1_coords"].shape[1]
@@ -69,7 +80,8 @@ def match_pairs(backbone: models.Backbone, variables: Any, pairs: dict[str, np.n
 
 
 def score(matches: dict[str, np.ndarray], pairs: dict[str, np.ndarray]) -> dict[str, float]:
-  """{"<matcher>_acc", "<matcher>_acc_exact", "chance_acc"} against the geometric truth."""
+  """{"<matcher>_acc", "<matcher>_acc_exact", "<matcher>_identity", "chance_acc"} against the
+  geometric truth."""
   grid = pairs["view1_coords"].shape[1]
   batch = {k: jnp.asarray(pairs[k])
            for k in ("view1_coords", "view2_coords", "view2_box", "view1_valid")}
@@ -77,17 +89,18 @@ def score(matches: dict[str, np.ndarray], pairs: dict[str, np.ndarray]) -> dict[
   for name, match in matches.items():
     metrics = densecl.correspondence_metrics(jnp.asarray(match), batch, grid)
     out.update({f"{name}_{v}": float(metrics[k]) for k, v in _METRICS.items()})
+    out[f"{name}_identity"] = float(np.mean(np.asarray(match) == np.arange(grid * grid)))
     out["chance_acc"] = float(metrics["corr_acc_chance"])
   return out
 
 
 @base.register("correspondence")
 class Correspondence:
-  """Accuracy of argmax / Hough matching of frozen cells (see the module docstring)."""
+  """Accuracy of argmax / Hough / identity matching of frozen cells (the module docstring)."""
 
   def __init__(self, backbone: models.Backbone, *, num_pairs: int = 256, scene_size: int = 96,
                image_size: int = 128, crop_scale: Sequence[float] = (0.4, 1.0),
-               matchers: Sequence[str] = ("argmax", "hough"), batch_size: int = 64,
+               matchers: Sequence[str] = DEFAULT_MATCHERS, batch_size: int = 64,
                seed: int = 0, data_dir: str = scenes.DEFAULT_DIR):
     unknown = sorted(set(matchers) - set(MATCHERS))
     if unknown:

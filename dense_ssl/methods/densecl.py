@@ -92,7 +92,7 @@ def head_loss(q_map: jax.Array, q_out: dict[str, jax.Array], k_map: jax.Array,
   loss_dense, dense = dense_term(q_grid, k_grid, match, sg(dense_queue.buffer), temperature,
                                  dense_chunk)
   loss = (1.0 - loss_lambda) * loss_global + loss_lambda * loss_dense
-  aux = {"q": q, "k": k, "q_grid": q_grid, "k_grid": k_grid,
+  aux = {"q": q, "k": k, "q_grid": q_grid, "k_grid": k_grid, "f_q": sg(f_q), "f_k": sg(f_k),
          "q2": l2n(f32(q_out["dense_pooled"])), "k2": k2, "sim": sim, "match": match,
          "k_grid_matched": dense["k_grid_matched"], "logits_global": logits_global,
          "logits_dense": dense["logits"], "loss_global": loss_global, "loss_dense": loss_dense,
@@ -142,6 +142,13 @@ class DenseCL(mocov2.TwoViewQueueMethod):
     if not 0.0 <= lam <= 1.0:
       raise ValueError(f"config.method.loss_lambda={lam} must be in [0, 1].")
 
+  def comparison_metrics(self, f_q: jax.Array, f_k: jax.Array, match: jax.Array,
+                         batch: dict[str, jax.Array], grid: int) -> dict[str, jax.Array]:
+    """Extra `train/` metrics scoring other matchers on the step's normalised C5 cells (none
+    here; HoughCL scores DenseCL's argmax beside its own match)."""
+    del f_q, f_k, match, batch, grid
+    return {}
+
   def make_neck(self) -> nn.Module:
     return heads.DenseCLNeck(hidden=self.hidden, dim=self.dim,
                              cpu_kernels=getattr(self.backbone.module, "cpu_kernels", False))
@@ -156,6 +163,8 @@ class DenseCL(mocov2.TwoViewQueueMethod):
     metrics = {"loss": loss, "loss_global": aux["loss_global"],
                "loss_dense": aux["loss_dense"], "std_q": families.embedding_std(aux["q"])}
     metrics.update(correspondence_metrics(aux["match"], batch, q_map.shape[1]))
+    metrics.update(self.comparison_metrics(aux["f_q"], aux["f_k"], aux["match"], batch,
+                                           q_map.shape[1]))
     extra = {"queue": aux["queue"], "dense_queue": aux["dense_queue"]}
     return loss, base.StepOutput(batch_stats=stats, extra=extra, metrics=metrics)
 
