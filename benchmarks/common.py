@@ -78,6 +78,9 @@ def fallback_config(method: str) -> AttrDict:
            momentum_schedule="constant", dim=128, hidden=2048, bn="shuffle", bn_groups=8)
   if method != "mocov2":
     m.update(loss_lambda=0.5, dense_chunk=4096)
+  if method == "houghcl":
+    m.update(hough_revision=2, hough_power=3.0, hough_smooth_side=3, hough_kappa=3.0,
+             hough_mirror=False)
   return AttrDict(
       seed=0, batch_size=256, total_epochs=200.0, total_steps=0,
       model=dict(name="resnet50", zero_init_residual=False, half_precision=False),

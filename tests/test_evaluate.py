@@ -220,7 +220,7 @@ def test_linear_fit_separates_separable_features():
 
 
 def test_registry_builds_evaluators_from_duck_typed_configs():
-  assert evaluate.names() == ["correspondence", "dense", "knn", "linear"]
+  assert evaluate.names() == ["correspondence", "dense", "finetune", "knn", "linear"]
 
   class Duck:  # ml_collections-like: has to_dict()
     def __init__(self, d):
