@@ -234,7 +234,7 @@ def test_registry_builds_evaluators_from_duck_typed_configs():
   assert isinstance(built["lin"], classification.LinearProbe) and built["lin"].num_train == 10
   assert isinstance(built["knn"], classification.KNN) and built["knn"].k == 5
   assert list(evaluate.from_config(evaluate.DEFAULT_EVALS, BACKBONE, only=["corr"])) == ["corr"]
-  with pytest.raises(ValueError, match="valid choices: correspondence, dense, knn, linear"):
+  with pytest.raises(ValueError, match="valid choices: correspondence, dense, finetune, knn, linear"):
     evaluate.from_config({"x": {"type": "segmentation"}}, BACKBONE)
   with pytest.raises(ValueError, match="no parameter.*num_trian.*valid: num_train"):
     evaluate.from_config({"linear": {"num_trian": 5}}, BACKBONE)
