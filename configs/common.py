@@ -199,3 +199,26 @@ def vit_fmnist_scenes_overrides(c: ml_collections.ConfigDict) -> None:
   fmnist_scenes_protocol(c)
   c.model.name = "vit_micro8"
   c.optim.warmup_epochs = 0.0
+
+
+def vit_head_variants(lr: float | None = None, demo_warmup: float = 0.0,
+                      scenes_warmup: float = 0.0) -> dict:
+  """`demo`, `test` and `fmnist_scenes` of a ViT method with a projection head
+  (`method.hidden`, `method.dim`): 512/64 on ViT-micro/8 (32/16 in `test`), `lr` (None = the
+  recipe's) and warm-up epochs for the two small runs."""
+
+  def small(overrides, warmup):
+    def variant(c):
+      overrides(c)
+      c.method.hidden, c.method.dim = 512, 64
+      if lr is not None:
+        c.optim.lr = lr
+      c.optim.warmup_epochs = warmup
+    return variant
+
+  def test(c):
+    vit_test_overrides(c)
+    c.method.hidden, c.method.dim = 32, 16
+
+  return {"demo": small(vit_demo_overrides, demo_warmup), "test": test,
+          "fmnist_scenes": small(vit_fmnist_scenes_overrides, scenes_warmup)}

@@ -43,23 +43,13 @@ def vit_s16(c):
   c.total_epochs = 300.0
 
 
-def demo(c):
-  common.vit_demo_overrides(c)
-  c.method.hidden, c.method.dim = 512, 64
-  c.optim.lr = 1.2e-2  # x 32/2048 = 1.9e-4 at batch 32: a tiny ViT in 300 steps
-  c.optim.warmup_epochs = 0.5
-
-
-def test(c):
-  common.vit_test_overrides(c)
-  c.method.hidden, c.method.dim = 32, 16
+# x 32/2048 = 1.9e-4 at batch 32: a tiny ViT in 300 steps.
+SMALL = common.vit_head_variants(1.2e-2, demo_warmup=0.5, scenes_warmup=0.3)
 
 
 def fmnist_scenes(c):
-  common.vit_fmnist_scenes_overrides(c)
-  c.method.hidden, c.method.dim = 512, 64
-  c.optim.lr = 1.2e-2
-  c.optim.warmup_epochs = 0.3
+  """The benchmark's protocol, plus full fine-tuning with layer-wise lr decay."""
+  SMALL["fmnist_scenes"](c)
   c.evals.finetune = dict(type="finetune", num_train=2000, num_test=1000, image_size=96)
 
 
@@ -81,5 +71,5 @@ def get_config(arg=None):
       warmup_epochs=10.0, clip_grad_norm=1.0,
       # BEiT's no-decay set: biases, norms, 1-D LayerScale, the tokens and the bias tables.
       no_decay=(r"bias$", r"scale$", r"ls\d$", r"cls_token$", r"mask_token$", r"rel_pos/table$")))
-  return common.apply_variant(c, arg, {"default": None, "vit_s16": vit_s16, "demo": demo,
-                                       "test": test, "fmnist_scenes": fmnist_scenes})
+  return common.apply_variant(c, arg, {"default": None, "vit_s16": vit_s16, **SMALL,
+                                       "fmnist_scenes": fmnist_scenes})

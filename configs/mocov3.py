@@ -32,25 +32,6 @@ def mocov3_presets() -> dict:
               mocov3_view2=common.preset(**jitter, blur_prob=0.1, solarize_prob=0.2))
 
 
-def demo(c):
-  common.vit_demo_overrides(c)
-  c.method.hidden, c.method.dim = 512, 64
-  c.optim.lr = 4e-3  # x 32/256 = 5e-4: a tiny ViT in 300 steps
-  c.optim.warmup_epochs = 0.5
-
-
-def test(c):
-  common.vit_test_overrides(c)
-  c.method.hidden, c.method.dim = 32, 16
-
-
-def fmnist_scenes(c):
-  common.vit_fmnist_scenes_overrides(c)
-  c.method.hidden, c.method.dim = 512, 64
-  c.optim.lr = 4e-3
-  c.optim.warmup_epochs = 0.3
-
-
 def get_config(arg=None):
   c = common.base_config()
   c.model = common.vit_model("vit_s16", pos_embed="sincos")
@@ -64,5 +45,6 @@ def get_config(arg=None):
   c.optim.update(dict(name="adamw", lr=1.5e-4, base_batch_size=256, weight_decay=0.1,
                       warmup_epochs=40.0, frozen=("backbone/patch_embed", "backbone/pos_embed")))
   return common.apply_variant(c, arg, {"default": None, "dilemma": common.dilemma_on,
-                                       "demo": demo, "test": test,
-                                       "fmnist_scenes": fmnist_scenes})
+                                       # x 32/256 = 5e-4: a tiny ViT in 300 steps
+                                       **common.vit_head_variants(4e-3, demo_warmup=0.5,
+                                                                scenes_warmup=0.3)})

@@ -18,22 +18,6 @@ import ml_collections
 from configs import common
 
 
-def demo(c):
-  common.vit_demo_overrides(c)
-  c.method.hidden, c.method.dim = 512, 64
-  c.optim.lr = 0.3  # LARS' trust ratio sets the step per layer
-
-
-def test(c):
-  common.vit_test_overrides(c)
-  c.method.hidden, c.method.dim = 32, 16
-
-
-def fmnist_scenes(c):
-  common.vit_fmnist_scenes_overrides(c)
-  c.method.hidden, c.method.dim = 512, 64
-
-
 def get_config(arg=None):
   c = common.base_config()
   c.model = common.vit_model("vit_s16")
@@ -48,5 +32,5 @@ def get_config(arg=None):
   c.optim.update(dict(name="lars", lr=0.3, base_batch_size=256, momentum=0.9,
                       weight_decay=1e-6, warmup_epochs=10.0, no_decay=(r"bias$", r"scale$")))
   return common.apply_variant(c, arg, {"default": None, "dilemma": common.dilemma_on,
-                                       "demo": demo, "test": test,
-                                       "fmnist_scenes": fmnist_scenes})
+                                       # LARS' trust ratio sets the step per layer: the recipe's lr.
+                                       **common.vit_head_variants()})
