@@ -56,12 +56,16 @@ def restore_latest(manager: ocp.CheckpointManager, state: Any) -> Any:
   return flax.serialization.from_state_dict(state, restored)
 
 
+def _reader(workdir: str) -> ocp.CheckpointManager:
+  # With its handler named, the manager can read the saved tree's metadata before restoring.
+  return ocp.CheckpointManager(_directory(workdir), item_handlers=ocp.StandardCheckpointHandler())
+
+
 def saved_steps(workdir: str) -> list[int]:
   """The steps of a run's checkpoints, oldest first ([] when it has none)."""
   if not _directory(workdir).exists():
     return []
-  manager = ocp.CheckpointManager(_directory(workdir),
-                                  item_handlers=ocp.StandardCheckpointHandler())
+  manager = _reader(workdir)
   steps = sorted(manager.all_steps())
   manager.close()
   return steps
@@ -88,9 +92,7 @@ def load_raw(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]
   The arrays are read onto this process's first device (the checkpoint's own shardings name
   devices that need not exist here), then copied to the host.
   """
-  # With its handler named, the manager can read the saved tree's metadata before restoring.
-  manager = ocp.CheckpointManager(_directory(workdir),
-                                  item_handlers=ocp.StandardCheckpointHandler())
+  manager = _reader(workdir)
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"No checkpoint under {_directory(workdir)}; train first with "
