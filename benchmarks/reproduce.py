@@ -1,14 +1,17 @@
 """Every method against random init on Fashion-MNIST scenes: one command, one budget for all.
 
     python benchmarks/reproduce.py [--workdir=runs/reproduce] [--methods=mocov2,densecl,houghcl]
-        [--seeds=0,1,2] [--total_steps=N] [--variant=fmnist_scenes] [--curve_points=4]
+        [--seeds=0,1,2] [--one_seed=byol,mocov3,mocov3:dilemma] [--total_steps=N]
+        [--variant=fmnist_scenes] [--curve_points=4]
 
-For every method and seed: pretrain `configs/<method>.py:<variant>` (the same backbone, data,
-batch, steps and optimiser for all; resumes an interrupted run), then evaluate the final online
+For every method and seed: pretrain `configs/<method>.py:<variant>` (the same data, batch and
+steps for all, and one backbone per family; resumes an interrupted run; `mocov3:dilemma` adds
+the config's `dilemma` variant), then evaluate the final online
 backbone with the evaluators of `config.evals` (linear probe and k-NN on held-out garments,
-dense-probe mIoU and correspondence accuracy on held-out scenes; see dense_ssl/evaluate), and
-its intermediate checkpoints with the cheap probes (k-NN, linear) for the curves. A randomly
-initialised backbone, one per seed, is the floor. Every result is cached under --workdir: the
+dense-probe mIoU and correspondence accuracy on held-out scenes, and what the method's config
+adds, e.g. ConMIM's fine-tuning; see dense_ssl/evaluate), and its intermediate checkpoints with
+the cheap probes (k-NN, linear) for the curves. A randomly initialised backbone of the same
+architecture, one per seed, is the floor. Every result is cached under --workdir: the
 same command after a kill continues where it stopped. Writes
 
   * the tables into benchmarks/RESULTS.md, between the markers BEGIN and END (the rest of the
@@ -29,7 +32,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `benchmarks`, `configs` and `dense_ssl` from this checkout
@@ -131,10 +134,19 @@ def evaluate_backbone(evaluators: dict[str, Any], variables: Any) -> tuple[dict[
   return results, dense_result
 
 
+def parse_method(spec: str) -> tuple[str, str]:
+  """A --methods entry -> (its config file's name, its row name): "mocov3:dilemma" is
+  configs/mocov3.py with the `dilemma` variant after the benchmark's, row "mocov3+dilemma"."""
+  file, _, extra = spec.partition(":")
+  return file, "+".join([file, *(v for v in extra.split(",") if v)])
+
+
 def _config(method: str, variant: str, seed: int, total_steps: int | None,
             curve_points: int = 0) -> Any:
   from dense_ssl import config_errors
-  config = config_errors.load_config(os.path.join(ROOT, f"configs/{method}.py:{variant}"))
+  file, _, extra = method.partition(":")
+  variants = ",".join(v for v in (variant, extra) if v)
+  config = config_errors.load_config(os.path.join(ROOT, f"configs/{file}.py:{variants}"))
   overrides = {"seed": seed}
   if total_steps:
     overrides.update(total_epochs=0.0, total_steps=total_steps)
@@ -204,10 +216,12 @@ def summarize(rows: Sequence[dict[str, Any]], keys: Sequence[str]
   return out
 
 
-def summary_table(summary: dict[str, dict[str, dict[str, float]]], floor: str = "random init"
-                  ) -> str:
-  """Mean ± std over seeds per backbone; a cell is marked ✓ when it beats `floor` by more than
-  twice the combined standard error, ✗ when it does not."""
+def summary_table(summary: dict[str, dict[str, dict[str, float]]],
+                  floor: str | Mapping[str, str] = "random init") -> str:
+  """Mean ± std over seeds per backbone; a cell is marked ✓ when it beats its floor by more
+  than twice the combined standard error, ✗ when it does not. `floor` names the floor's row,
+  or maps each row to its own (the random init of its architecture)."""
+  floors = floor if isinstance(floor, Mapping) else {name: floor for name in summary}
   columns = ["backbone", "seeds", *(c[0] for c in COLUMNS)]
   cells = []
   for name, stats in summary.items():
@@ -219,8 +233,8 @@ def summary_table(summary: dict[str, dict[str, dict[str, float]]], floor: str = 
       s, text = stats[key], fmt.format(stats[key]["mean"])
       if s["n"] > 1:
         text += " ± " + fmt.format(s["std"]).rstrip("%")
-      base = summary.get(floor, {}).get(key)
-      if name != floor and base is not None and key in VERDICT_KEYS:
+      base = summary.get(floors.get(name, ""), {}).get(key)
+      if name != floors.get(name) and base is not None and key in VERDICT_KEYS:
         margin = 2 * np.hypot(s["se"], base["se"])
         text += " ✓" if s["mean"] - base["mean"] > margin else " ✗"
       cell[header] = text
@@ -229,17 +243,18 @@ def summary_table(summary: dict[str, dict[str, dict[str, float]]], floor: str = 
 
 
 def curve_figure(curves: dict[str, dict[int, dict[str, float]]], keys: Sequence[str],
-                 path: str, floor: dict[str, float] | None = None) -> None:
-  """One panel per key: each method's value (mean over seeds) over its pretraining steps, the
-  random-init value as a dashed line."""
+                 path: str, floors: dict[str, dict[str, float]] | None = None) -> None:
+  """One panel per key: each method's value (mean over seeds) over its pretraining steps, each
+  architecture's random-init value ({label: results}) as a dashed or dotted line."""
   fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
   for ax, key in zip(axes[0], keys):
     for name, by_step in curves.items():
       steps = sorted(s for s, r in by_step.items() if key in r)
       if steps:
         ax.plot(steps, [by_step[s][key] for s in steps], marker="o", ms=3, label=name)
-    if floor and key in floor:
-      ax.axhline(floor[key], color="k", ls="--", lw=1, label="random init")
+    for (label, floor), style in zip((floors or {}).items(), ("--", ":", "-.")):
+      if key in floor:
+        ax.axhline(floor[key], color="k", ls=style, lw=1, label=label)
     ax.set_title(key, fontsize=9)
     ax.set_xlabel("pretraining step")
     ax.grid(alpha=0.3)
@@ -266,14 +281,18 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
               evals: dict[str, Any] | None = None, results_md: str = RESULTS_MD,
               figure: str = FIGURE, curves_figure: str = CURVES,
               curve_points: int = 4, curve_evals: Sequence[str] = ("knn", "linear"),
-              progress: bool = True) -> list[dict[str, Any]]:
+              one_seed: Sequence[str] = (), progress: bool = True) -> list[dict[str, Any]]:
   """Pretrains and evaluates every (method, seed); writes `results_md` and the figures.
 
-  `evals` replaces the configs' `config.evals` (default: theirs, else DEFAULT_EVALS); the
-  evaluators are built once, so every backbone is scored on the same held-out data. Random
-  init is evaluated once per seed. Each run keeps `curve_points` checkpoints, and the
-  `curve_evals` evaluators score each of them for the probe curves. Every result is cached in
-  `workdir`, so running the same command again continues a killed reproduction.
+  `methods` run at every seed, `one_seed` at the first seed only; an entry is a config file's
+  name with optional extra variants ("mocov3:dilemma", see `parse_method`). `evals` replaces
+  the configs' `config.evals` (default: theirs, else DEFAULT_EVALS). The floor of a method is
+  random init of its own architecture, one per seed; the evaluators are built once per
+  architecture (the union of its methods' `config.evals`), so every backbone of an
+  architecture is scored on the same held-out data, and each method by its own evaluators.
+  Each run keeps `curve_points` checkpoints, and the `curve_evals` evaluators score each of
+  them for the probe curves. Every result is cached in `workdir`, so running the same command
+  again continues a killed reproduction.
   """
   import jax
   from tqdm import tqdm
@@ -281,68 +300,84 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
   from dense_ssl.evaluate import features
 
   started = time.perf_counter()
-  first = _config(methods[0], variant, seeds[0], total_steps)
-  backbone = methods_lib.create(first).backbone
-  evaluators = evaluate.from_config(evals or first.evals or evaluate.DEFAULT_EVALS, backbone)
-  cheap = {k: v for k, v in evaluators.items() if k in curve_evals}
-  bar = tqdm(total=len(seeds) * (len(methods) + 1), unit="run", disable=not progress)
+  # Every method's first seed before the further seeds: a stopped command has a row of each.
+  runs = [(m, seeds[0]) for m in [*methods, *(m for m in one_seed if m not in methods)]]
+  runs += [(m, s) for s in seeds[1:] for m in methods]
+  specs = list(dict.fromkeys(m for m, _ in runs))
+  arch, backbones, union, own = {}, {}, {}, {}
+  for spec in specs:
+    config = _config(spec, variant, seeds[0], total_steps)
+    backbone = methods_lib.create(config).backbone
+    arch[spec] = backbone.name
+    backbones.setdefault(backbone.name, backbone)
+    own[spec] = dict(evals or config.evals.to_dict() or evaluate.DEFAULT_EVALS)
+    for name, entry in own[spec].items():
+      union.setdefault(backbone.name, {}).setdefault(name, entry)
+  evaluators = {a: evaluate.from_config(union[a], backbones[a]) for a in backbones}
+  floor_name = {a: f"random init ({a})" for a in backbones}
+  floor_seeds = {a: sorted({s for m, s in runs if arch[m] == a}) for a in backbones}
+  bar = tqdm(total=len(runs) + sum(map(len, floor_seeds.values())), unit="run",
+             disable=not progress)
 
-  def scored(variables: Any) -> dict[str, Any]:
-    results, dense = evaluate_backbone(evaluators, variables)
-    results.update({f"se/{k}": v for k, v in standard_errors(evaluators, results).items()})
+  def scored(chosen: dict[str, Any], variables: Any) -> dict[str, Any]:
+    results, dense = evaluate_backbone(chosen, variables)
+    results.update({f"se/{k}": v for k, v in standard_errors(chosen, results).items()})
     # The figure's first scenes only: the whole prediction would make the cache megabytes.
     return {"results": results, "dense_miou": None if dense is None else dense.miou,
             "dense_predictions": None if dense is None
             else np.asarray(dense.predictions[:FIGURE_SCENES]).tolist()}
 
-  rows, dense_results, curves = [], {}, {}
-  for seed in seeds:
-    bar.set_description(f"random init s{seed}")
-    cached = _cached(os.path.join(workdir, f"random_init_seed{seed}.json"),
-                     lambda: scored(features.init_variables(backbone, seed=seed)))
-    rows.append({"name": "random init", "seed": seed, **cached["results"]})
-    dense_results.setdefault("random init", cached)
-    bar.update()
-  for method in methods:
-    for seed in seeds:
-      bar.set_description(f"{method} s{seed}")
-      run_dir = os.path.join(workdir, f"{method}_seed{seed}")
-      # The script evaluates every backbone itself, with the evaluators built once above (same
-      # held-out data for all), so the runs' own end-of-training evaluation is switched off.
-      config = config_errors.override(
-          _config(method, variant, seed, total_steps, curve_points), {"evals": {}})
-
-      def pretrain_and_score():
-        begin = time.perf_counter()
-        resumed = bool(checkpoint.saved_steps(run_dir))
-        state = train.run(config, run_dir)
-        wall = time.perf_counter() - begin
-        variables = methods_lib.create(config).backbone_variables(
-            jax.device_get(state.params), jax.device_get(state.batch_stats))
-        return {**scored(variables), "wall_s": wall, "resumed": resumed,
-                "step": int(jax.device_get(state.step))}
-
-      cached = _cached(os.path.join(run_dir, "reproduce.json"), pretrain_and_score)
-      rows.append({"name": method, "seed": seed, "wall_s": cached["wall_s"],
-                   **cached["results"]})
-      dense_results[f"{method} s{seed}"] = cached
-      curve = {0: {k: v for k, v in rows[seed_index(rows, seed)].items()
-                   if "/" in k and not k.startswith("se/")}}
-      curve[cached["step"]] = cached["results"]
-      # Intermediate checkpoints, and points scored before (their checkpoints may be gone).
-      scored_before = [int(f[len("curve_"):-len(".json")]) for f in os.listdir(run_dir)
-                       if f.startswith("curve_") and f.endswith(".json")]
-      for step in sorted(set(checkpoint.saved_steps(run_dir) + scored_before) - set(curve)):
-
-        def score_checkpoint(step=step):
-          _, _, variables = checkpoint.load_backbone(run_dir, step)
-          return evaluate.run_all(cheap, variables)
-
-        curve[step] = _cached(os.path.join(run_dir, f"curve_{step}.json"), score_checkpoint)
-      curve = dict(sorted(curve.items()))
-      curves[(method, seed)] = curve
+  rows, dense_results, curves, floor_rows = [], {}, {}, {}
+  for a, backbone in backbones.items():
+    for seed in floor_seeds[a]:
+      bar.set_description(f"{floor_name[a]} s{seed}")
+      cached = _cached(os.path.join(workdir, f"random_init_{a}_seed{seed}.json"),
+                       lambda: scored(evaluators[a], features.init_variables(backbone, seed=seed)))
+      floor_rows[(a, seed)] = {"name": floor_name[a], "seed": seed, **cached["results"]}
+      rows.append(floor_rows[(a, seed)])
+      dense_results.setdefault(floor_name[a], cached)
       bar.update()
-      print("\n" + markdown_table(rows), flush=True)
+  for spec, seed in runs:
+    method = parse_method(spec)[1]
+    bar.set_description(f"{method} s{seed}")
+    run_dir = os.path.join(workdir, f"{method}_seed{seed}")
+    # The script evaluates every backbone itself, with the evaluators built once above (same
+    # held-out data for all), so the runs' own end-of-training evaluation is switched off.
+    config = config_errors.override(
+        _config(spec, variant, seed, total_steps, curve_points), {"evals": {}})
+    mine = {k: evaluators[arch[spec]][k] for k in own[spec]}
+
+    def pretrain_and_score():
+      begin = time.perf_counter()
+      resumed = bool(checkpoint.saved_steps(run_dir))
+      state = train.run(config, run_dir)
+      wall = time.perf_counter() - begin
+      variables = methods_lib.create(config).backbone_variables(
+          jax.device_get(state.params), jax.device_get(state.batch_stats))
+      return {**scored(mine, variables), "wall_s": wall, "resumed": resumed,
+              "step": int(jax.device_get(state.step))}
+
+    cached = _cached(os.path.join(run_dir, "reproduce.json"), pretrain_and_score)
+    rows.append({"name": method, "seed": seed, "wall_s": cached["wall_s"],
+                 **cached["results"]})
+    dense_results[f"{method} s{seed}"] = cached
+    curve = {0: {k: v for k, v in floor_rows[(arch[spec], seed)].items()
+                 if "/" in k and not k.startswith("se/")}}
+    curve[cached["step"]] = cached["results"]
+    # Intermediate checkpoints, and points scored before (their checkpoints may be gone).
+    cheap = {k: v for k, v in mine.items() if k in curve_evals}
+    scored_before = [int(f[len("curve_"):-len(".json")]) for f in os.listdir(run_dir)
+                     if f.startswith("curve_") and f.endswith(".json")]
+    for step in sorted(set(checkpoint.saved_steps(run_dir) + scored_before) - set(curve)):
+
+      def score_checkpoint(step=step):
+        _, _, variables = checkpoint.load_backbone(run_dir, step)
+        return evaluate.run_all(cheap, variables)
+
+      curve[step] = _cached(os.path.join(run_dir, f"curve_{step}.json"), score_checkpoint)
+    curves[(method, seed)] = dict(sorted(curve.items()))
+    bar.update()
+    print("\n" + markdown_table(rows), flush=True)
   bar.close()
   total_wall = time.perf_counter() - started
 
@@ -351,33 +386,45 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
     json.dump({"rows": rows, "curves": {f"{m} s{s}": c for (m, s), c in curves.items()}},
               f, indent=2)
   summary = summarize(rows, [c[1] for c in COLUMNS])
-  floor = {k: v["mean"] for k, v in summary["random init"].items()}
-  curve_keys = [f"{name}/top1" for name in cheap]
+  floors = {floor_name[a]: {k: v["mean"] for k, v in summary[floor_name[a]].items()}
+            for a in backbones}
+  curve_keys = list(dict.fromkeys(f"{name}/top1" for a in backbones
+                                  for name in evaluators[a] if name in curve_evals))
   if curve_keys:
-    curve_figure(_mean_curves(curves), curve_keys, curves_figure, floor)
+    curve_figure(_mean_curves(curves), curve_keys, curves_figure, floors)
   dense_ok = {k: v for k, v in dense_results.items() if v.get("dense_predictions") is not None}
-  dense_eval = next((e for e in evaluators.values() if hasattr(e, "evaluate")), None)
+  dense_eval = next((e for a in backbones for e in evaluators[a].values()
+                     if hasattr(e, "evaluate")), None)
   if dense_ok and dense_eval is not None:
     test = dense_eval.data()[1]
     dense_figure(test["images"][:FIGURE_SCENES], test["label_maps"][:FIGURE_SCENES],
                  {k: np.asarray(v["dense_predictions"]) for k, v in dense_ok.items()},
                  {k: v["dense_miou"] for k, v in dense_ok.items()}, figure, FIGURE_SCENES)
+  extra = [m for m in one_seed if m not in methods]
   command = (f"python benchmarks/reproduce.py --methods={','.join(methods)} "
              f"--seeds={','.join(map(str, seeds))}"
+             + (f" --one_seed={','.join(extra)}" if extra else "")
              + (f" --variant={variant}" if variant != "fmnist_scenes" else "")
              + (f" --total_steps={total_steps}" if total_steps else ""))
   chance = rows[0].get("corr/chance_acc")
+  budgets = "; ".join(
+      f"{', '.join(parse_method(m)[1] for m in specs if arch[m] == a)}: "
+      f"{_budget(_config(next(m for m in specs if arch[m] == a), variant, seeds[0], total_steps))}"
+      for a in backbones)
+  row_floors = {parse_method(m)[1]: floor_name[arch[m]] for m in specs}
+  row_floors.update({f: f for f in floor_name.values()})
   section = (f"## Every method vs random init on Fashion-MNIST scenes\n\n"
              f"{common.machine_header(jax.devices())}\n\n`{command}`\n\n"
-             f"Budget (every method): {_budget(first)}. Frozen online backbone, evaluators of "
+             f"Budgets (per architecture): {budgets}. Frozen online backbone, evaluators of "
              f"dense_ssl/evaluate: probes fitted on held-out garments/scenes, correspondence = "
              f"final-map matches vs geometry within one cell"
              + (f" (chance {chance:.1%})" if chance is not None else "") + ". "
              f"Whole command: {total_wall / 60:.1f} min wall (cached runs count only their "
              f"evaluation).\n\n"
-             f"Mean ± std over seeds; ✓ / ✗: beats random init by more than twice the combined "
-             f"standard error (seeds' spread and the held-out sets' sampling error), or not.\n\n"
-             f"{summary_table(summary)}\n\nEvery run:\n\n{markdown_table(rows)}\n")
+             f"Mean ± std over seeds; ✓ / ✗: beats the random init of its architecture by more "
+             f"than twice the combined standard error (seeds' spread and the held-out sets' "
+             f"sampling error), or not.\n\n"
+             f"{summary_table(summary, row_floors)}\n\nEvery run:\n\n{markdown_table(rows)}\n")
   here = os.path.dirname(os.path.abspath(results_md))
   if curve_keys:
     section += (f"\nProbe curves over pretraining (mean over seeds): "
@@ -401,6 +448,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", "runs/reproduce", "Where the runs are kept (resumed).")
   flags.DEFINE_list("methods", ["mocov2", "densecl", "houghcl"], "Methods to compare.")
   flags.DEFINE_list("seeds", ["0"], "Seeds: one pretraining run per method and seed.")
+  flags.DEFINE_list("one_seed", [], "More methods, run at the first seed only.")
   flags.DEFINE_integer("total_steps", None, "Overrides the variant's budget.")
   flags.DEFINE_string("variant", "fmnist_scenes", "Config variant of every method.")
   flags.DEFINE_integer("curve_points", 4, "Checkpoints per run scored for the probe curves.")
@@ -411,7 +459,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
   reproduce(f.workdir, f.methods, [int(s) for s in f.seeds], variant=f.variant,
-            total_steps=f.total_steps, curve_points=f.curve_points)
+            total_steps=f.total_steps, curve_points=f.curve_points, one_seed=f.one_seed)
 
 
 if __name__ == "__main__":

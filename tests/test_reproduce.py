@@ -80,11 +80,28 @@ def test_summary_marks_only_margins_beyond_twice_the_combined_error():
   assert "✓" in lines["good"] and "41.0% ± 1.0" in lines["good"]
   assert "✗" in lines["close"]
   assert "✓" not in lines["random init"] and "✗" not in lines["random init"]
+  # Per-row floors: "close" against a lower floor of its own (its architecture's) beats it.
+  rows += [{"name": "low init", "seed": s, "knn/top1": p, "se/knn/top1": 0.01}
+           for s, p in enumerate((0.20, 0.22, 0.21))]
+  summary = reproduce.summarize(rows, ["knn/top1"])
+  floors = {"good": "random init", "close": "low init", "random init": "random init",
+            "low init": "low init"}
+  lines = {line.split("|")[1].strip(): line for line in
+           reproduce.summary_table(summary, floors).splitlines()[2:]}
+  assert "✓" in lines["close"] and "✓" in lines["good"]
+  assert not {"✓", "✗"} & set(lines["low init"])
+
+
+def test_method_entries_name_their_variants():
+  assert reproduce.parse_method("mocov2") == ("mocov2", "mocov2")
+  assert reproduce.parse_method("mocov3:dilemma") == ("mocov3", "mocov3+dilemma")
 
 
 def test_reproduce_end_to_end_on_the_test_variant(tmp_path):
-  """Two MoCo-v2 steps on the `test` variant, tiny evaluators: tables, curves, JSON, figures,
-  section; the same command again reads every result back instead of recomputing it."""
+  """Two steps each of MoCo-v2 (ResNet) and MoCo v3 + DILEMMA (ViT, first seed only) on the
+  `test` variant, tiny evaluators: each method against the random init of its own
+  architecture; tables, curves, JSON, figures, section; the same command again reads every
+  result back instead of recomputing it."""
   results_md = tmp_path / "RESULTS.md"
   results_md.write_text("# Benchmark results\n\nother section\n")
   tiny = {"knn": {"num_train": 40, "num_test": 20, "image_size": 32},
@@ -93,19 +110,24 @@ def test_reproduce_end_to_end_on_the_test_variant(tmp_path):
                    "image_size": 64}}
   kwargs = dict(variant="test", total_steps=2, evals=tiny, results_md=str(results_md),
                 figure=str(tmp_path / "dense.png"), curves_figure=str(tmp_path / "curves.png"),
-                curve_points=2, progress=False)
+                curve_points=2, one_seed=["mocov3:dilemma"], progress=False)
   rows = reproduce.reproduce(str(tmp_path / "runs"), ["mocov2"], [3], **kwargs)
-  assert [r["name"] for r in rows] == ["random init", "mocov2"]
-  assert rows[1]["seed"] == 3 and rows[1]["wall_s"] > 0
+  assert [r["name"] for r in rows] == ["random init (resnet18)", "random init (vit_micro8)",
+                                       "mocov2", "mocov3+dilemma"]
+  assert rows[2]["seed"] == 3 and rows[2]["wall_s"] > 0
+  assert json.loads((tmp_path / "runs" / "mocov3+dilemma_seed3" / "config.json").read_text()
+                    )["method"]["dilemma"]["enabled"]
   for row in rows:
     assert {"knn/top1", "dense/miou", "corr/argmax_acc", "corr/chance_acc"} <= set(row)
     assert 0 < row["se/knn/top1"] < 0.2  # sqrt(p(1-p)/20)
   text = results_md.read_text()
   assert text.startswith("# Benchmark results\n\nother section\n")
-  assert "--variant=test --total_steps=2`" in text
-  assert re.search(r"\|\s+random init \|\s+3 \|", text)
+  assert "--one_seed=mocov3:dilemma --variant=test --total_steps=2`" in text
+  assert re.search(r"\|\s+random init \(resnet18\) \|\s+3 \|", text)
   assert re.search(r"\|\s+mocov2 \|\s+3 \|", text)
-  assert re.search(r"\|\s+mocov2 \|\s+1 \|.*[✓✗]", text)  # the summary, with its verdict
+  # The summary, each method with its verdict against its own architecture's floor.
+  for name in ("mocov2", "mocov3\\+dilemma"):
+    assert re.search(rf"\|\s+{name} \|\s+1 \|.*[✓✗]", text)
   assert "![dense probe](dense.png)" in text and "![probe curves](curves.png)" in text
   assert (tmp_path / "dense.png").stat().st_size > 10_000
   assert (tmp_path / "curves.png").stat().st_size > 10_000
