@@ -374,3 +374,25 @@ def test_machine_header_names_the_cpu_and_its_vector_isa():
     assert model.endswith("AVX-512")
   elif re.search(r"^flags\s*:.*\bavx2\b", flags, re.M):
     assert model.endswith("AVX2")
+
+
+def test_bn_floor_reads_a_random_init_with_running_and_with_batch_statistics():
+  """A random init's running statistics are 0 / 1, so eval-mode BN leaves its activations
+  un-normalised; batch statistics normalise them: the two readings see different features."""
+  from benchmarks import bn_floor
+  from dense_ssl.data import scenes
+  backbone, variables = bn_floor.backbone_and_variables("random", "resnet18", seed=0)
+  images, labels = scenes.single_garments("probe_train", size=64, n=30)
+  running = np.asarray(bn_floor.pooled(variables, images, backbone=backbone,
+                                       batch_statistics=False))
+  normalised = np.asarray(bn_floor.pooled(variables, images, backbone=backbone,
+                                          batch_statistics=True))
+  assert running.shape == normalised.shape == (30, 512)
+  assert np.all(np.isfinite(running)) and np.all(np.isfinite(normalised))
+  stats = jax.tree_util.tree_leaves_with_path(variables["batch_stats"])
+  assert stats and all(np.all(np.asarray(v) == (0.0 if "mean" in jax.tree_util.keystr(k)
+                                                 else 1.0)) for k, v in stats)
+  assert np.linalg.norm(running - normalised) > 0.1 * np.linalg.norm(normalised)
+  top1 = bn_floor.knn_top1(variables, backbone, (images[:20], labels[:20], images[20:],
+                                                 labels[20:]), batch_statistics=True)
+  assert top1 * 10 == round(top1 * 10)  # a fraction of the 10 test garments
