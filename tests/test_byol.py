@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from dense_ssl import config_errors, ema, optim
-from dense_ssl import methods
 from dense_ssl.methods import byol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,26 +68,12 @@ def _config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-  config = _config()
-  method = methods.create(config)
-  rng = np.random.default_rng(0)
-  batch = {v.name: jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32)
-           for v in method.views()}
-  variables = jax.jit(method.init)(jax.random.key(0, impl="rbg"), batch)
-  state = methods.MethodState(step=jnp.zeros((), jnp.int32),
-                              target_params=variables["target_params"],
-                              batch_stats=variables["batch_stats"], extra=variables["extra"])
-
-  def loss_fn(params, target, views):
-    return method.loss(params, state._replace(target_params=target), views, jax.random.key(1))
-
-  fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
-  (loss, out), (grads, target_grads) = fn(variables["params"], variables["target_params"], batch)
-  swapped = {"view1": batch["view2"], "view2": batch["view1"]}
-  (loss_swapped, _), _ = fn(variables["params"], variables["target_params"], swapped)
-  return dict(method=method, variables=variables, loss=loss, out=out, grads=grads,
-              target_grads=target_grads, loss_swapped=loss_swapped)
+def tiny(tiny_method):
+  t = tiny_method(_config(), batch_size=8, size=32)
+  swapped = {"view1": t["batch"]["view2"], "view2": t["batch"]["view1"]}
+  (t["loss_swapped"], _), _ = t["loss_and_grads"](t["variables"]["params"],
+                                                  t["variables"]["target_params"], swapped)
+  return t
 
 
 def test_views_are_byol_asymmetric_presets(tiny):

@@ -151,25 +151,8 @@ def test_drop_path_is_random_in_training_and_off_in_eval():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-  config = _config()
-  method = methods_lib.create(config)
-  rng = np.random.default_rng(0)
-  batch = {v.name: jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32)
-           for v in method.views()}
-  variables = jax.jit(method.init)(jax.random.key(0), batch)
-  state = methods_lib.MethodState(step=jnp.zeros((), jnp.int32),
-                                  target_params=variables["target_params"],
-                                  batch_stats=variables["batch_stats"], extra=variables["extra"])
-
-  def loss_fn(params, target):
-    return method.loss(params, state._replace(target_params=target), batch, jax.random.key(1))
-
-  fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
-  (loss, out), (grads, target_grads) = fn(variables["params"], variables["target_params"])
-  return dict(method=method, variables=variables, loss=loss, out=out, grads=grads,
-              target_grads=target_grads)
-
+def tiny(tiny_method):
+  return tiny_method(_config(), batch_size=4, size=32, key=jax.random.key(0))
 
 def test_teacher_gets_no_gradient_and_the_student_does(tiny):
   v = tiny["variables"]

@@ -140,26 +140,9 @@ def _config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-  config = _config()
-  method = methods.create(config)
-  rng = np.random.default_rng(0)
-  batch = {v.name: jnp.asarray(rng.normal(size=(8, v.size, v.size, 3)), jnp.float32)
-           for v in method.views()}
-  batch[spec.PROPOSAL_FALLBACK] = jnp.asarray(np.arange(8) < 2)
-  variables = jax.jit(method.init)(jax.random.key(0, impl="rbg"), batch)
-  state = methods.MethodState(step=jnp.zeros((), jnp.int32),
-                              target_params=variables["target_params"],
-                              batch_stats=variables["batch_stats"], extra=variables["extra"])
-
-  def loss_fn(params, target):
-    return method.loss(params, state._replace(target_params=target), batch, jax.random.key(1))
-
-  (loss, out), (grads, target_grads) = jax.jit(
-      jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(variables["params"],
-                                                                 variables["target_params"])
-  return dict(method=method, variables=variables, loss=loss, out=out, grads=grads,
-              target_grads=target_grads)
+def tiny(tiny_method):
+  return tiny_method(_config(), batch_size=8,
+                     extra={spec.PROPOSAL_FALLBACK: jnp.asarray(np.arange(8) < 2)})
 
 
 def test_views_sampler_and_parameters(tiny):
