@@ -141,6 +141,25 @@ def parse_method(spec: str) -> tuple[str, str]:
   return file, "+".join([file, *(v for v in extra.split(",") if v)])
 
 
+def architectures(backbones: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
+  """({method: its architecture's key}, {key: backbone}) of {method: backbone}.
+
+  An architecture is the backbone module itself, not only its name: ConMIM's BEiT-style
+  ViT-micro (relative position bias, no absolute embedding) has other parameters than MoCo
+  v3's. The key is the backbone's name, or name-method for a later variant of that name.
+  """
+  arch, by_key = {}, {}
+  for method, backbone in backbones.items():
+    same = [k for k, b in by_key.items() if b == backbone]
+    if same:
+      arch[method] = same[0]
+    else:
+      arch[method] = (backbone.name if backbone.name not in by_key
+                      else f"{backbone.name}-{parse_method(method)[1]}")
+      by_key[arch[method]] = backbone
+  return arch, by_key
+
+
 def _config(method: str, variant: str, seed: int, total_steps: int | None,
             curve_points: int = 0) -> Any:
   from dense_ssl import config_errors
@@ -304,15 +323,14 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
   runs = [(m, seeds[0]) for m in [*methods, *(m for m in one_seed if m not in methods)]]
   runs += [(m, s) for s in seeds[1:] for m in methods]
   specs = list(dict.fromkeys(m for m, _ in runs))
-  arch, backbones, union, own = {}, {}, {}, {}
-  for spec in specs:
-    config = _config(spec, variant, seeds[0], total_steps)
-    backbone = methods_lib.create(config).backbone
-    arch[spec] = backbone.name
-    backbones.setdefault(backbone.name, backbone)
+  configs = {spec: _config(spec, variant, seeds[0], total_steps) for spec in specs}
+  arch, backbones = architectures({spec: methods_lib.create(c).backbone
+                                   for spec, c in configs.items()})
+  union, own = {}, {}
+  for spec, config in configs.items():
     own[spec] = dict(evals or config.evals.to_dict() or evaluate.DEFAULT_EVALS)
     for name, entry in own[spec].items():
-      union.setdefault(backbone.name, {}).setdefault(name, entry)
+      union.setdefault(arch[spec], {}).setdefault(name, entry)
   evaluators = {a: evaluate.from_config(union[a], backbones[a]) for a in backbones}
   floor_name = {a: f"random init ({a})" for a in backbones}
   floor_seeds = {a: sorted({s for m, s in runs if arch[m] == a}) for a in backbones}

@@ -141,3 +141,14 @@ def test_reproduce_end_to_end_on_the_test_variant(tmp_path):
   (tmp_path / "runs" / "mocov2_seed3" / "checkpoints").rename(tmp_path / "moved")
   again = reproduce.reproduce(str(tmp_path / "runs"), ["mocov2"], [3], **kwargs)
   assert again == rows
+
+
+def test_a_backbone_variant_of_the_same_name_is_its_own_architecture():
+  """ConMIM's BEiT-style ViT-micro is not MoCo v3's: it gets its own evaluators and floor."""
+  from dense_ssl import methods
+  backbones = {m: methods.create(reproduce._config(m, "test", 0, None)).backbone
+               for m in ("mocov3", "mocov3:dilemma", "conmim", "mocov2")}
+  arch, by_key = reproduce.architectures(backbones)
+  assert arch == {"mocov3": "vit_micro8", "mocov3:dilemma": "vit_micro8",
+                  "conmim": "vit_micro8-conmim", "mocov2": "resnet18"}
+  assert by_key["vit_micro8-conmim"] == backbones["conmim"]
