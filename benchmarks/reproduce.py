@@ -332,6 +332,8 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
     for name, entry in own[spec].items():
       union.setdefault(arch[spec], {}).setdefault(name, entry)
   evaluators = {a: evaluate.from_config(union[a], backbones[a]) for a in backbones}
+  # Initialised at the size its methods train at: a relative position bias keeps that window.
+  image_size = {arch[spec]: c.data.image_size for spec, c in reversed(configs.items())}
   floor_name = {a: f"random init ({a})" for a in backbones}
   floor_seeds = {a: sorted({s for m, s in runs if arch[m] == a}) for a in backbones}
   bar = tqdm(total=len(runs) + sum(map(len, floor_seeds.values())), unit="run",
@@ -350,7 +352,8 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
     for seed in floor_seeds[a]:
       bar.set_description(f"{floor_name[a]} s{seed}")
       cached = _cached(os.path.join(workdir, f"random_init_{a}_seed{seed}.json"),
-                       lambda: scored(evaluators[a], features.init_variables(backbone, seed=seed)))
+                       lambda: scored(evaluators[a], features.init_variables(
+                           backbone, seed=seed, image_size=image_size[a])))
       floor_rows[(a, seed)] = {"name": floor_name[a], "seed": seed, **cached["results"]}
       rows.append(floor_rows[(a, seed)])
       dense_results.setdefault(floor_name[a], cached)

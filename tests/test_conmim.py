@@ -95,7 +95,7 @@ def test_blockwise_mask_is_beits_rectangles_up_to_the_ratio():
   np.testing.assert_array_equal(masks, conmim.blockwise_mask(jax.random.key(3), 32, 14, 0.75))
 
 
-def test_relative_position_bias_shapes_zero_init_and_smaller_grids():
+def test_relative_position_bias_shapes_zero_init_and_other_grids():
   model = vit.get("vit_micro8", rel_pos_bias=True, pos_embed="none", layer_scale=0.1,
                   use_mask_token=True)
   images = np.asarray(scenes.single_garments("probe_train", n=2, size=32, seed=0)[0],
@@ -121,8 +121,19 @@ def test_relative_position_bias_shapes_zero_init_and_smaller_grids():
   np.testing.assert_array_equal(bias[1], np.arange(104.0).reshape(52, 2)[small, 1])
   out = model.apply(variables, images[:, :16, :16], train=False)
   assert out.shape == (2, 5, 64)
-  with pytest.raises(ValueError, match="larger than the 4x4 window"):
-    model.apply(variables, np.zeros((1, 64, 64, 3), np.float32), train=False)
+  # A larger grid reads the table resized: 7x7 offsets -> 15x15, the zero offset and the three
+  # class-token entries unchanged, a constant table constant.
+  table = np.arange(104.0).reshape(52, 2)
+  big = vit.RelativePositionBias(2).apply({"params": {"table": jnp.asarray(table)}}, (8, 8))
+  assert big.shape == (2, 65, 65)
+  np.testing.assert_allclose(np.diagonal(big[:, 1:, 1:], axis1=1, axis2=2),
+                             np.broadcast_to(table[3 * 7 + 3][:, None], (2, 64)), rtol=1e-6)
+  np.testing.assert_array_equal(big[:, 0, 0], table[51])
+  np.testing.assert_array_equal(big[:, 0, 1:], np.broadcast_to(table[49][:, None], (2, 64)))
+  flat = vit.RelativePositionBias(2).apply({"params": {"table": jnp.ones((52, 2))}}, (8, 8))
+  np.testing.assert_allclose(flat, 1.0, rtol=1e-6)
+  assert model.apply(variables, np.zeros((1, 64, 64, 3), np.float32),
+                     train=False).shape == (1, 65, 64)
   # Shared: one table at the top for all blocks, none in the blocks; the same zero-init identity.
   shared = vit.get("vit_micro8", rel_pos_bias=True, shared_rel_pos_bias=True, pos_embed="none",
                    layer_scale=0.1, use_mask_token=True)

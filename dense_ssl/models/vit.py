@@ -77,6 +77,16 @@ def relative_position_index_in(grid: int, window: int) -> np.ndarray:
   return index
 
 
+def resize_offset_table(table: jax.Array, window: int) -> jax.Array:
+  """A BEiT bias table ((2w-1)^2 + 3, heads) resized bilinearly to a `window` x `window` grid;
+  the three class-token entries are kept. The zero offset stays at the centre, where pixel
+  centres of both sizes coincide, so it is read unchanged."""
+  side, heads = int(round((table.shape[0] - 3)**0.5)), table.shape[1]
+  offsets = table[:-3].reshape(side, side, heads)
+  offsets = jax.image.resize(offsets, (2 * window - 1, 2 * window - 1, heads), "bilinear")
+  return jnp.concatenate([offsets.reshape(-1, heads), table[-3:]], axis=0)
+
+
 class RelativePositionBias(nn.Module):
   """BEiT's per-block relative position bias: (heads, 1 + L, 1 + L) for a square grid."""
 
@@ -87,15 +97,15 @@ class RelativePositionBias(nn.Module):
     if grid[0] != grid[1]:
       raise ValueError(f"The relative position bias needs a square token grid, got {grid}; "
                        "use square crops.")
-    # The table keeps the window it was initialised on; smaller grids index into it.
+    # The table keeps the window it was initialised on; smaller grids index into it, larger
+    # ones read it resized (BEiT resizes the table to fine-tune at a higher resolution).
     rows = (self.get_variable("params", "table").shape[0]
             if self.has_variable("params", "table") else (2 * grid[0] - 1)**2 + 3)
     window = int(round((rows - 3)**0.5 + 1)) // 2
-    if grid[0] > window:
-      raise ValueError(f"A {grid[0]}x{grid[0]} token grid is larger than the {window}x{window} "
-                       "window the relative position bias was trained on; evaluate at that "
-                       "image size or smaller.")
     table = self.param("table", nn.initializers.zeros, (rows, self.num_heads))
+    if grid[0] > window:
+      table = resize_offset_table(table, grid[0])
+      window = grid[0]
     index = relative_position_index_in(grid[0], window)
     return jnp.transpose(jnp.take(table, jnp.asarray(index), axis=0), (2, 0, 1))
 
