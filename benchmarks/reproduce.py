@@ -11,7 +11,9 @@ backbone with the evaluators of `config.evals` (linear probe and k-NN on held-ou
 dense-probe mIoU and correspondence accuracy on held-out scenes, and what the method's config
 adds, e.g. ConMIM's fine-tuning; see dense_ssl/evaluate), and its intermediate checkpoints with
 the cheap probes (k-NN, linear) for the curves. A randomly initialised backbone of the same
-architecture, one per seed, is the floor. Every result is cached under --workdir: the
+architecture, one per seed, is the floor; for a BatchNorm network a second reference row
+reads the same weights with running statistics re-estimated on pretraining scenes (the
+eval-mode floor of a random init normalises nothing, RESULTS.md §4b). Every result is cached under --workdir: the
 same command after a kill continues where it stopped. Writes
 
   * the tables into benchmarks/RESULTS.md, between the markers BEGIN and END (the rest of the
@@ -28,6 +30,7 @@ variant (e.g. `test` for a smoke run); the section written says what was used.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -51,12 +54,16 @@ from benchmarks import common
 RESULTS_MD = os.path.join(ROOT, "benchmarks", "RESULTS.md")
 FIGURE = os.path.join(ROOT, "benchmarks", "reproduce_dense.png")
 FIGURE_SCENES = 6  # columns of the dense-probe figure
+# Pretraining scenes whose statistics the BN re-estimated floor reads: 64 batches of 32, so the
+# initial 0 / 1 keep a weight of 0.9^64 = 0.1% in BatchNorm's running averages.
+BN_SCENES = 2048
 CURVES = os.path.join(ROOT, "benchmarks", "reproduce_curves.png")
 BEGIN = "<!-- reproduce.py: begin -->"
 END = "<!-- reproduce.py: end -->"
 # Table columns: (header, key in the evaluators' results, format).
 COLUMNS = (
     ("linear top-1", "linear/top1", "{:.1%}"),
+    ("fine-tune top-1", "finetune/top1", "{:.1%}"),
     ("k-NN top-1", "knn/top1", "{:.1%}"),
     ("dense mIoU", "dense/miou", "{:.1%}"),
     ("corr. argmax ±1", "corr/argmax_acc", "{:.1%}"),
@@ -68,7 +75,7 @@ COLUMNS = (
     ("corr. identity ±1", "corr/identity_acc", "{:.1%}"),
 )
 # The claims the table checks against random init (the acceptance of the benchmark).
-VERDICT_KEYS = ("linear/top1", "knn/top1", "dense/miou")
+VERDICT_KEYS = ("linear/top1", "finetune/top1", "knn/top1", "dense/miou")
 SEG_COLOURS = np.array(
     [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
      [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]],
@@ -300,7 +307,8 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
               evals: dict[str, Any] | None = None, results_md: str = RESULTS_MD,
               figure: str = FIGURE, curves_figure: str = CURVES,
               curve_points: int = 4, curve_evals: Sequence[str] = ("knn", "linear"),
-              one_seed: Sequence[str] = (), progress: bool = True) -> list[dict[str, Any]]:
+              one_seed: Sequence[str] = (), bn_scenes: int = BN_SCENES,
+              progress: bool = True) -> list[dict[str, Any]]:
   """Pretrains and evaluates every (method, seed); writes `results_md` and the figures.
 
   `methods` run at every seed, `one_seed` at the first seed only; an entry is a config file's
@@ -310,12 +318,14 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
   architecture (the union of its methods' `config.evals`), so every backbone of an
   architecture is scored on the same held-out data, and each method by its own evaluators.
   Each run keeps `curve_points` checkpoints, and the `curve_evals` evaluators score each of
-  them for the probe curves. Every result is cached in `workdir`, so running the same command
+  them for the probe curves. The BN re-estimated floor reads `bn_scenes` pretraining scenes.
+  Every result is cached in `workdir`, so running the same command
   again continues a killed reproduction.
   """
   import jax
   from tqdm import tqdm
   from dense_ssl import checkpoint, config_errors, evaluate, methods as methods_lib, train
+  from dense_ssl.data import scenes
   from dense_ssl.evaluate import features
 
   started = time.perf_counter()
@@ -335,8 +345,14 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
   # Initialised at the size its methods train at: a relative position bias keeps that window.
   image_size = {arch[spec]: c.data.image_size for spec, c in reversed(configs.items())}
   floor_name = {a: f"random init ({a})" for a in backbones}
+  bn_floor_name = {a: f"random init, BN re-estimated ({a})" for a in backbones}
+  pretrain_scenes = functools.lru_cache(lambda size: scenes.make_scenes(
+      bn_scenes, seed=0, split="pretrain", size=size)["images"])
   floor_seeds = {a: sorted({s for m, s in runs if arch[m] == a}) for a in backbones}
-  bar = tqdm(total=len(runs) + sum(map(len, floor_seeds.values())), unit="run",
+  has_bn = {a: bool(jax.tree.leaves(features.init_variables(b, image_size=image_size[a])
+                                    ["batch_stats"])) for a, b in backbones.items()}
+  bar = tqdm(total=len(runs) + sum(len(s) * (1 + has_bn[a]) for a, s in floor_seeds.items()),
+             unit="run",
              disable=not progress)
 
   def scored(chosen: dict[str, Any], variables: Any) -> dict[str, Any]:
@@ -357,6 +373,18 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
       floor_rows[(a, seed)] = {"name": floor_name[a], "seed": seed, **cached["results"]}
       rows.append(floor_rows[(a, seed)])
       dense_results.setdefault(floor_name[a], cached)
+      bar.update()
+      if not has_bn[a]:
+        continue
+      # The same random weights with running statistics of the pretraining scenes: a reference
+      # row for a BatchNorm network, whose eval-mode floor above is un-normalised (RESULTS §4b).
+      bar.set_description(f"{bn_floor_name[a]} s{seed}")
+      cached = _cached(os.path.join(workdir, f"random_init_bn_{a}_seed{seed}.json"),
+                       lambda: scored(evaluators[a], features.reestimate_batch_stats(
+                           backbone, features.init_variables(backbone, seed=seed,
+                                                             image_size=image_size[a]),
+                           pretrain_scenes(image_size[a]))))
+      rows.append({"name": bn_floor_name[a], "seed": seed, **cached["results"]})
       bar.update()
   for spec, seed in runs:
     method = parse_method(spec)[1]
@@ -433,7 +461,7 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
       f"{_budget(_config(next(m for m in specs if arch[m] == a), variant, seeds[0], total_steps))}"
       for a in backbones)
   row_floors = {parse_method(m)[1]: floor_name[arch[m]] for m in specs}
-  row_floors.update({f: f for f in floor_name.values()})
+  row_floors.update({f: f for f in [*floor_name.values(), *bn_floor_name.values()]})
   section = (f"## Every method vs random init on Fashion-MNIST scenes\n\n"
              f"{common.machine_header(jax.devices())}\n\n`{command}`\n\n"
              f"Budgets (per architecture): {budgets}. Frozen online backbone, evaluators of "
@@ -472,6 +500,9 @@ def _define_flags() -> None:
   flags.DEFINE_list("one_seed", [], "More methods, run at the first seed only.")
   flags.DEFINE_integer("total_steps", None, "Overrides the variant's budget.")
   flags.DEFINE_string("variant", "fmnist_scenes", "Config variant of every method.")
+  flags.DEFINE_string("out_dir", os.path.dirname(RESULTS_MD),
+                      "Where RESULTS.md (its section) and the two figures are written; a "
+                      "scratch folder keeps a trial run out of benchmarks/.")
   flags.DEFINE_integer("curve_points", 4, "Checkpoints per run scored for the probe curves.")
 
 
@@ -479,8 +510,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
+  out = f.out_dir
   reproduce(f.workdir, f.methods, [int(s) for s in f.seeds], variant=f.variant,
-            total_steps=f.total_steps, curve_points=f.curve_points, one_seed=f.one_seed)
+            total_steps=f.total_steps, curve_points=f.curve_points, one_seed=f.one_seed,
+            results_md=os.path.join(out, os.path.basename(RESULTS_MD)),
+            figure=os.path.join(out, os.path.basename(FIGURE)),
+            curves_figure=os.path.join(out, os.path.basename(CURVES)))
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ def test_markdown_table_formats_every_column():
   cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
   assert len(lines) == 4 and len(cells[0]) == len(reproduce.COLUMNS) + 3
   assert cells[0][2] == "linear top-1" and cells[0][-1] == "pretrain wall time"
-  assert cells[2] == ["random init", "0", "28.1%", "25.0%", "9.5%", "68.7%", "25.0%", "69.0%",
-                      "30.0%", "32%", "49.0%", "48.6%", "n/a"]
-  assert cells[3] == ["densecl", "1", "50.0%", *["n/a"] * 9, "10.5 min"]
+  assert cells[2] == ["random init", "0", "28.1%", "n/a", "25.0%", "9.5%", "68.7%", "25.0%",
+                      "69.0%", "30.0%", "32%", "49.0%", "48.6%", "n/a"]
+  assert cells[3] == ["densecl", "1", "50.0%", *["n/a"] * 10, "10.5 min"]
 
 
 def test_replace_section_keeps_the_rest_of_the_file():
@@ -110,11 +110,15 @@ def test_reproduce_end_to_end_on_the_test_variant(tmp_path):
                    "image_size": 64}}
   kwargs = dict(variant="test", total_steps=2, evals=tiny, results_md=str(results_md),
                 figure=str(tmp_path / "dense.png"), curves_figure=str(tmp_path / "curves.png"),
-                curve_points=2, one_seed=["mocov3:dilemma"], progress=False)
+                curve_points=2, one_seed=["mocov3:dilemma"], bn_scenes=64, progress=False)
   rows = reproduce.reproduce(str(tmp_path / "runs"), ["mocov2"], [3], **kwargs)
-  assert [r["name"] for r in rows] == ["random init (resnet18)", "random init (vit_micro8)",
-                                       "mocov2", "mocov3+dilemma"]
-  assert rows[2]["seed"] == 3 and rows[2]["wall_s"] > 0
+  # A BatchNorm network also gets its floor with re-estimated running statistics; a ViT not.
+  assert [r["name"] for r in rows] == ["random init (resnet18)",
+                                       "random init, BN re-estimated (resnet18)",
+                                       "random init (vit_micro8)", "mocov2", "mocov3+dilemma"]
+  assert rows[0]["knn/top1"] != rows[1]["knn/top1"] or rows[0]["dense/miou"] != rows[1][
+      "dense/miou"]
+  assert rows[3]["seed"] == 3 and rows[3]["wall_s"] > 0
   assert json.loads((tmp_path / "runs" / "mocov3+dilemma_seed3" / "config.json").read_text()
                     )["method"]["dilemma"]["enabled"]
   for row in rows:
@@ -124,6 +128,8 @@ def test_reproduce_end_to_end_on_the_test_variant(tmp_path):
   assert text.startswith("# Benchmark results\n\nother section\n")
   assert "--one_seed=mocov3:dilemma --variant=test --total_steps=2`" in text
   assert re.search(r"\|\s+random init \(resnet18\) \|\s+3 \|", text)
+  assert re.search(r"\|\s+random init, BN re-estimated \(resnet18\) \|\s+1 \|[^✓✗]*$", text,
+                   re.M)
   assert re.search(r"\|\s+mocov2 \|\s+3 \|", text)
   # The summary, each method with its verdict against its own architecture's floor.
   for name in ("mocov2", "mocov3\\+dilemma"):

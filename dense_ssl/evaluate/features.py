@@ -112,3 +112,44 @@ def init_variables(backbone: models.Backbone, seed: int = 0,
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(seed), x)
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def reestimate_batch_stats(backbone: models.Backbone, variables: dict[str, Any],
+                           images: np.ndarray, *, batch_size: int = 32,
+                           norm: Normalization = IMAGENET) -> dict[str, Any]:
+  """`variables` with BatchNorm's running statistics re-estimated on `images` (uint8 NHWC).
+
+  A random init's running statistics are their initial 0 / 1, so an eval-mode forward
+  normalises nothing: its probes read an un-normalised network, while a pretrained network's
+  statistics were learnt on the pretraining data. This is PreciseBN (Wu & Johnson, 2021): the
+  equal average, over batches of `batch_size`, of each layer's batch mean and variance in the
+  train-mode forward (each layer normalised by its batch upstream, as in training). An
+  exponential average would not do: the initial variance of 1 outweighs a deep layer's small
+  one long after it has decayed. The weights are untouched; a backbone without BatchNorm is
+  returned as it is.
+  """
+  if not jax.tree.leaves(variables.get("batch_stats", {})):
+    return variables
+  module = backbone.eval_module()
+
+  @jax.jit
+  def update(batch_stats, x):
+    _, new = module.apply({"params": variables["params"], "batch_stats": batch_stats},
+                          augment.normalize(x, norm), train=True, mutable=["batch_stats"])
+    return new["batch_stats"]
+
+  # Flax updates running = m * running + (1 - m) * batch: from zeros it returns (1 - m) times
+  # the batch's statistics, and from ones m more, which gives the module's own m.
+  zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+  ones = jax.tree.map(jnp.ones_like, variables["batch_stats"])
+  starts = range(0, len(images) - batch_size + 1, batch_size)
+  if not starts:
+    raise ValueError(f"Re-estimating BatchNorm statistics needs at least one batch of "
+                     f"{batch_size} images; got {len(images)}.")
+  first = jnp.asarray(images[:batch_size])
+  keep = jax.tree.map(jnp.subtract, update(ones, first), update(zeros, first))
+  total = jax.tree.map(jnp.zeros_like, zeros)
+  for i in starts:
+    total = jax.tree.map(jnp.add, total, update(zeros, jnp.asarray(images[i:i + batch_size])))
+  return {**variables, "batch_stats": jax.tree.map(
+      lambda t, m: t / ((1 - m) * len(starts)), total, keep)}
