@@ -13,8 +13,8 @@ adds, e.g. ConMIM's fine-tuning; see dense_ssl/evaluate), and its intermediate c
 the cheap probes (k-NN, linear) for the curves. A randomly initialised backbone of the same
 architecture, one per seed, is the floor; for a BatchNorm network a second reference row
 reads the same weights with running statistics re-estimated on pretraining scenes (the
-eval-mode floor of a random init normalises nothing, RESULTS.md §4b). Every result is cached under --workdir: the
-same command after a kill continues where it stopped. Writes
+eval-mode floor of a random init normalises nothing, RESULTS.md §4b). Every result is cached
+under --workdir: the same command after a kill continues where it stopped. Writes
 
   * the tables into benchmarks/RESULTS.md, between the markers BEGIN and END (the rest of the
     file is kept), with the date, device, budget and total wall time: mean ± std over seeds
@@ -54,8 +54,7 @@ from benchmarks import common
 RESULTS_MD = os.path.join(ROOT, "benchmarks", "RESULTS.md")
 FIGURE = os.path.join(ROOT, "benchmarks", "reproduce_dense.png")
 FIGURE_SCENES = 6  # columns of the dense-probe figure
-# Pretraining scenes whose statistics the BN re-estimated floor reads: 64 batches of 32, so the
-# initial 0 / 1 keep a weight of 0.9^64 = 0.1% in BatchNorm's running averages.
+# Pretraining scenes whose statistics the BN re-estimated floor averages (64 batches of 32).
 BN_SCENES = 2048
 CURVES = os.path.join(ROOT, "benchmarks", "reproduce_curves.png")
 BEGIN = "<!-- reproduce.py: begin -->"
@@ -319,8 +318,8 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
   architecture is scored on the same held-out data, and each method by its own evaluators.
   Each run keeps `curve_points` checkpoints, and the `curve_evals` evaluators score each of
   them for the probe curves. The BN re-estimated floor reads `bn_scenes` pretraining scenes.
-  Every result is cached in `workdir`, so running the same command
-  again continues a killed reproduction.
+  Every result is cached in `workdir`, so running the same command again continues a killed
+  reproduction.
   """
   import jax
   from tqdm import tqdm
@@ -349,11 +348,12 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
   pretrain_scenes = functools.lru_cache(lambda size: scenes.make_scenes(
       bn_scenes, seed=0, split="pretrain", size=size)["images"])
   floor_seeds = {a: sorted({s for m, s in runs if arch[m] == a}) for a in backbones}
-  has_bn = {a: bool(jax.tree.leaves(features.init_variables(b, image_size=image_size[a])
-                                    ["batch_stats"])) for a, b in backbones.items()}
+  random_init = functools.lru_cache(lambda a, seed: features.init_variables(
+      backbones[a], seed=seed, image_size=image_size[a]))
+  has_bn = {a: bool(jax.tree.leaves(random_init(a, floor_seeds[a][0])["batch_stats"]))
+            for a in backbones}
   bar = tqdm(total=len(runs) + sum(len(s) * (1 + has_bn[a]) for a, s in floor_seeds.items()),
-             unit="run",
-             disable=not progress)
+             unit="run", disable=not progress)
 
   def scored(chosen: dict[str, Any], variables: Any) -> dict[str, Any]:
     results, dense = evaluate_backbone(chosen, variables)
@@ -368,8 +368,7 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
     for seed in floor_seeds[a]:
       bar.set_description(f"{floor_name[a]} s{seed}")
       cached = _cached(os.path.join(workdir, f"random_init_{a}_seed{seed}.json"),
-                       lambda: scored(evaluators[a], features.init_variables(
-                           backbone, seed=seed, image_size=image_size[a])))
+                       lambda: scored(evaluators[a], random_init(a, seed)))
       floor_rows[(a, seed)] = {"name": floor_name[a], "seed": seed, **cached["results"]}
       rows.append(floor_rows[(a, seed)])
       dense_results.setdefault(floor_name[a], cached)
@@ -381,9 +380,7 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
       bar.set_description(f"{bn_floor_name[a]} s{seed}")
       cached = _cached(os.path.join(workdir, f"random_init_bn_{a}_seed{seed}.json"),
                        lambda: scored(evaluators[a], features.reestimate_batch_stats(
-                           backbone, features.init_variables(backbone, seed=seed,
-                                                             image_size=image_size[a]),
-                           pretrain_scenes(image_size[a]))))
+                           backbone, random_init(a, seed), pretrain_scenes(image_size[a]))))
       rows.append({"name": bn_floor_name[a], "seed": seed, **cached["results"]})
       bar.update()
   for spec, seed in runs:

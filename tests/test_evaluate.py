@@ -145,7 +145,6 @@ def test_vit_features_are_the_class_token_and_the_patch_grid():
     features.extract(vit, variables, images, with_c4=True)
 
 
-
 def test_reestimated_batch_stats_make_eval_mode_normalise_like_batch_mode(random_init):
   """The floor of benchmarks/reproduce.py's BatchNorm networks (PreciseBN). Estimated on the
   very batch, eval mode is that batch's train-mode forward; estimated on pretraining scenes,
@@ -171,6 +170,7 @@ def test_reestimated_batch_stats_make_eval_mode_normalise_like_batch_mode(random
   vit = models.Backbone("vit_micro8", models.get_backbone("vit_micro8"))
   vit_variables = features.init_variables(vit, seed=0, image_size=32)
   assert features.reestimate_batch_stats(vit, vit_variables, held_out) is vit_variables
+
 
 def test_every_evaluator_runs_on_a_vit():
   """The fmnist_scenes protocol's four evaluators on ViT-micro/8 (table initialised at 32 px and

@@ -146,10 +146,11 @@ def reestimate_batch_stats(backbone: models.Backbone, variables: dict[str, Any],
   if not starts:
     raise ValueError(f"Re-estimating BatchNorm statistics needs at least one batch of "
                      f"{batch_size} images; got {len(images)}.")
-  first = jnp.asarray(images[:batch_size])
-  keep = jax.tree.map(jnp.subtract, update(ones, first), update(zeros, first))
-  total = jax.tree.map(jnp.zeros_like, zeros)
-  for i in starts:
-    total = jax.tree.map(jnp.add, total, update(zeros, jnp.asarray(images[i:i + batch_size])))
+  batches = (jnp.asarray(images[i:i + batch_size]) for i in starts)
+  first = next(batches)
+  total = update(zeros, first)
+  keep = jax.tree.map(jnp.subtract, update(ones, first), total)
+  for x in batches:
+    total = jax.tree.map(jnp.add, total, update(zeros, x))
   return {**variables, "batch_stats": jax.tree.map(
       lambda t, m: t / ((1 - m) * len(starts)), total, keep)}
