@@ -241,12 +241,21 @@ def summarize(rows: Sequence[dict[str, Any]], keys: Sequence[str]
   return out
 
 
+def _verdict(stats: dict[str, float], base: dict[str, float]) -> str:
+  """✓ when `stats` beats `base` by more than twice their combined standard error, else ✗."""
+  return "✓" if stats["mean"] - base["mean"] > 2 * np.hypot(stats["se"], base["se"]) else "✗"
+
+
 def summary_table(summary: dict[str, dict[str, dict[str, float]]],
-                  floor: str | Mapping[str, str] = "random init") -> str:
+                  floor: str | Mapping[str, str] = "random init",
+                  second_floor: Mapping[str, str] | None = None) -> str:
   """Mean ± std over seeds per backbone; a cell is marked ✓ when it beats its floor by more
   than twice the combined standard error, ✗ when it does not. `floor` names the floor's row,
-  or maps each row to its own (the random init of its architecture)."""
+  or maps each row to its own (the random init of its architecture); `second_floor` maps rows
+  to a second reference row (a BatchNorm network's BN re-estimated random init), whose verdict
+  follows in brackets, e.g. "25.2% ± 2.5 ✗ (BN ✓)"."""
   floors = floor if isinstance(floor, Mapping) else {name: floor for name in summary}
+  second_floor = second_floor or {}
   columns = ["backbone", "seeds", *(c[0] for c in COLUMNS)]
   cells = []
   for name, stats in summary.items():
@@ -260,11 +269,16 @@ def summary_table(summary: dict[str, dict[str, dict[str, float]]],
         text += " ± " + fmt.format(s["std"]).rstrip("%")
       base = summary.get(floors.get(name, ""), {}).get(key)
       if name != floors.get(name) and base is not None and key in VERDICT_KEYS:
-        margin = 2 * np.hypot(s["se"], base["se"])
-        text += " ✓" if s["mean"] - base["mean"] > margin else " ✗"
+        text += " " + _verdict(s, base)
+        second = summary.get(second_floor.get(name, ""), {}).get(key)
+        if second is not None:
+          text += f" (BN {_verdict(s, second)})"
       cell[header] = text
     cells.append(cell)
   return common.table(cells, columns)
+
+
+FLOOR_STYLES = ("--", ":", "-.", (0, (6, 2, 1, 2, 1, 2)))
 
 
 def curve_figure(curves: dict[str, dict[int, dict[str, float]]], keys: Sequence[str],
@@ -277,15 +291,16 @@ def curve_figure(curves: dict[str, dict[int, dict[str, float]]], keys: Sequence[
       steps = sorted(s for s, r in by_step.items() if key in r)
       if steps:
         ax.plot(steps, [by_step[s][key] for s in steps], marker="o", ms=3, label=name)
-    for (label, floor), style in zip((floors or {}).items(), ("--", ":", "-.")):
-      if key in floor:
-        ax.axhline(floor[key], color="k", ls=style, lw=1, label=label)
+    for i, (label, floor) in enumerate((floors or {}).items()):
+      if key in floor:  # Black, then grey, line styles: every floor is drawn, however many.
+        ax.axhline(floor[key], color="k" if i < len(FLOOR_STYLES) else "0.55",
+                   ls=FLOOR_STYLES[i % len(FLOOR_STYLES)], lw=1, label=label)
     ax.set_title(key, fontsize=9)
     ax.set_xlabel("pretraining step")
     ax.grid(alpha=0.3)
-  axes[0, 0].legend(fontsize=7)
+  axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
 
 
@@ -432,8 +447,8 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
     json.dump({"rows": rows, "curves": {f"{m} s{s}": c for (m, s), c in curves.items()}},
               f, indent=2)
   summary = summarize(rows, [c[1] for c in COLUMNS])
-  floors = {floor_name[a]: {k: v["mean"] for k, v in summary[floor_name[a]].items()}
-            for a in backbones}
+  floors = {name: {k: v["mean"] for k, v in summary[name].items()}
+            for a in backbones for name in (floor_name[a], bn_floor_name[a]) if name in summary}
   curve_keys = list(dict.fromkeys(f"{name}/top1" for a in backbones
                                   for name in evaluators[a] if name in curve_evals))
   if curve_keys:
@@ -459,6 +474,7 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
       for a in backbones)
   row_floors = {parse_method(m)[1]: floor_name[arch[m]] for m in specs}
   row_floors.update({f: f for f in [*floor_name.values(), *bn_floor_name.values()]})
+  bn_floors = {parse_method(m)[1]: bn_floor_name[arch[m]] for m in specs if has_bn[arch[m]]}
   section = (f"## Every method vs random init on Fashion-MNIST scenes\n\n"
              f"{common.machine_header(jax.devices())}\n\n`{command}`\n\n"
              f"Budgets (per architecture): {budgets}. Frozen online backbone, evaluators of "
@@ -469,8 +485,9 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
              f"evaluation).\n\n"
              f"Mean ± std over seeds; ✓ / ✗: beats the random init of its architecture by more "
              f"than twice the combined standard error (seeds' spread and the held-out sets' "
-             f"sampling error), or not.\n\n"
-             f"{summary_table(summary, row_floors)}\n\nEvery run:\n\n{markdown_table(rows)}\n")
+             f"sampling error), or not; (BN ✓ / ✗): the same against the BN re-estimated random "
+             f"init of a BatchNorm network.\n\n"
+             f"{summary_table(summary, row_floors, bn_floors)}\n\nEvery run:\n\n{markdown_table(rows)}\n")
   here = os.path.dirname(os.path.abspath(results_md))
   if curve_keys:
     section += (f"\nProbe curves over pretraining (mean over seeds): "

@@ -21,8 +21,10 @@ second view: jitter 0.4/0.4/0.2/0.1 p 0.8, grey 0.2, blur 0.5, solarise 0.2).
 
 Variants: `vit_s16` (ViT-S/16, 300 epochs), `demo` (embedded photos, ViT-micro/8 at 64 px),
 `test` (tiny), `fmnist_scenes` (the reproduction benchmark's protocol, ViT-micro/8 at 96 px,
-plus full fine-tuning with layer-wise lr decay). Exports as timm's `beit_*` state_dict
-(`--format=timm_beit`); with `model.rel_pos_bias=False` and a learned table also as timm's ViT.
+plus full fine-tuning with layer-wise lr decay). The probes read the mean patch token
+(`model.pool = "mean"`, BEiT's protocol): ConMIM's loss never trains the class token.
+Exports as timm's `beit_*` state_dict (`--format=timm_beit`); with `model.rel_pos_bias=False`
+and a learned table also as timm's ViT.
 """
 
 import ml_collections
@@ -50,14 +52,19 @@ SMALL = common.vit_head_variants(1.2e-2, demo_warmup=0.5, scenes_warmup=0.3)
 def fmnist_scenes(c):
   """The benchmark's protocol, plus full fine-tuning with layer-wise lr decay."""
   SMALL["fmnist_scenes"](c)
-  c.evals.finetune = dict(type="finetune", num_train=2000, num_test=1000, image_size=96)
+  # At this scale the evaluator's default (lr 1e-3, 300 steps) leaves a random ViT-micro at
+  # chance (train loss 2.26 against ln 10 = 2.30; 10.9 % top-1); lr 4e-3 reads 16.6 %.
+  c.evals.finetune = dict(type="finetune", num_train=2000, num_test=1000, image_size=96,
+                          lr=4e-3, steps=600)
 
 
 def get_config(arg=None):
   c = common.base_config()
   c.model = common.vit_model("vit_b16", pos_embed="none")
   c.model.update(dict(rel_pos_bias=True, shared_rel_pos_bias=True, layer_scale=0.1,
-                      use_mask_token=True, drop_path=0.0))
+                      use_mask_token=True, drop_path=0.0,
+                      # BEiT's and ConMIM's linear probe: the loss never trains the class token.
+                      pool="mean"))
   c.batch_size = 2048
   c.total_epochs = 800.0
   c.data.crop_scale = (0.08, 1.0)

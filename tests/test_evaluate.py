@@ -130,7 +130,7 @@ def test_features_are_the_backbone_in_eval_mode(random_init):
   assert "c4" not in alone
 
 
-def test_vit_features_are_the_class_token_and_the_patch_grid():
+def test_vit_features_are_the_class_token_or_mean_patch_and_the_patch_grid():
   vit = models.Backbone("vit_micro8", models.get_backbone("vit_micro8"))
   variables = features.init_variables(vit, seed=0, image_size=32)
   images = scenes.make_scenes(3, seed=0, split="probe_test", size=32)["images"]
@@ -143,6 +143,13 @@ def test_vit_features_are_the_class_token_and_the_patch_grid():
                              rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="C4 is a ResNet's stride-16 map"):
     features.extract(vit, variables, images, with_c4=True)
+  # ConMIM's (BEiT's) probe protocol: the same weights, the mean patch token.
+  mean_pooled = models.Backbone("vit_micro8", vit.module, pool="mean")
+  out = features.extract(mean_pooled, variables, images, batch_size=2)
+  np.testing.assert_allclose(out["pooled"], np.mean(tokens[:, 1:], axis=1), rtol=1e-4,
+                             atol=1e-4)
+  with pytest.raises(ValueError, match="a ResNet has no class token"):
+    models.Backbone(MODEL, BACKBONE.module, pool="cls")
 
 
 def test_reestimated_batch_stats_make_eval_mode_normalise_like_batch_mode(random_init):

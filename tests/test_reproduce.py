@@ -90,6 +90,10 @@ def test_summary_marks_only_margins_beyond_twice_the_combined_error():
            reproduce.summary_table(summary, floors).splitlines()[2:]}
   assert "✓" in lines["close"] and "✓" in lines["good"]
   assert not {"✓", "✗"} & set(lines["low init"])
+  # A second reference row: its verdict follows in brackets, the first one unchanged.
+  lines = {line.split("|")[1].strip(): line for line in reproduce.summary_table(
+      summary, "random init", {"close": "low init", "good": "random init"}).splitlines()[2:]}
+  assert "✗ (BN ✓)" in lines["close"] and "✓ (BN ✓)" in lines["good"]
 
 
 def test_method_entries_name_their_variants():

@@ -1,4 +1,5 @@
-"""Image-level probes on frozen pooled features (ResNet: mean of C5; ViT: class token): a linear classifier and a k-NN classifier.
+"""Image-level probes on frozen pooled features (ResNet: mean of C5; ViT: class token, or the
+mean patch token with `config.model.pool = "mean"`): a linear classifier and a k-NN classifier.
 
 Both classify single Fashion-MNIST garments on scene backgrounds
 (`dense_ssl.data.scenes.single_garments`): fitted on (or voting with) garments of the

@@ -7,7 +7,8 @@ backbone lives in a state. Per family:
 * ResNet: "pooled" = mean of the C5 map, "map" = the C5 map (stride 32), "c4" = the stride-16
   map read with flax's `capture_intermediates` from the last block of stage 3 (`layer3_{n-1}`),
   so the backbone module itself is untouched and the C5 map is the very same computation.
-* ViT: "pooled" = the class token, "map" = the patch tokens on their grid (stride = patch).
+* ViT: "pooled" = the class token, or the mean patch token where `backbone.pool` is "mean"
+  (BEiT / ConMIM's linear probe), "map" = the patch tokens on their grid (stride = patch).
 
 The backbone runs in eval mode (BatchNorm running statistics), in float32, jitted once per
 (backbone, batch shape), over fixed-size batches (the last one padded) so a whole set compiles
@@ -53,7 +54,9 @@ def _forward(variables: dict[str, Any], images: jax.Array, *, backbone: models.B
   if backbone.family == "vit":
     tokens = model.apply(variables, x, train=False)
     n, h, w = x.shape[0], x.shape[1] // backbone.stride, x.shape[2] // backbone.stride
-    return {"pooled": tokens[:, 0], "map": tokens[:, 1:].reshape(n, h, w, tokens.shape[-1])}
+    patches = tokens[:, 1:]
+    pooled = jnp.mean(patches, axis=1) if backbone.pool == "mean" else tokens[:, 0]
+    return {"pooled": pooled, "map": patches.reshape(n, h, w, tokens.shape[-1])}
   if not with_c4:
     c5 = model.apply(variables, x, train=False)
     return {"map": c5, "pooled": jnp.mean(c5, axis=(1, 2))}

@@ -19,6 +19,7 @@ from dense_ssl.models import resnet
 from dense_ssl.models import vit
 
 FAMILIES = ("resnet", "vit")
+POOLS = ("cls", "mean")
 
 
 def names() -> list[str]:
@@ -75,9 +76,22 @@ class Backbone:
   Attributes:
     name: `config.model.name`, e.g. "resnet50" or "vit_s16".
     module: the module as trained (its compute dtype may be bfloat16).
+    pool: the image-level feature the probes read (`config.model.pool`): "cls", a ViT's class
+      token (MoCo v3, DINO: their heads train it), or "mean", the mean of the final map (a
+      ResNet's only option; for a ViT the mean patch token, BEiT's and ConMIM's protocol:
+      their losses never train the class token). Default: "mean" for a ResNet, "cls" for a ViT.
   """
   name: str
   module: nn.Module
+  pool: str = ""
+
+  def __post_init__(self):
+    if not self.pool:
+      object.__setattr__(self, "pool", "cls" if self.family == "vit" else "mean")
+    if self.pool not in POOLS or (self.family == "resnet" and self.pool != "mean"):
+      raise ValueError(f"config.model.pool = {self.pool!r} for {self.name!r}; use "
+                       f"{POOLS if self.family == 'vit' else ('mean',)} (a ResNet has no "
+                       f"class token).")
 
   @property
   def family(self) -> str:
@@ -97,11 +111,12 @@ class Backbone:
 
 
 # config.model keys that are not module arguments.
-_NOT_MODULE_ARGS = ("name", "half_precision")
+_NOT_MODULE_ARGS = ("name", "half_precision", "pool")
 
 
 def build(model_cfg: Any) -> Backbone:
-  """The backbone of `config.model`: `name`, `half_precision` (bfloat16 compute) and the
+  """The backbone of `config.model`: `name`, `half_precision` (bfloat16 compute), `pool`
+  (`Backbone.pool`) and the
   module's own options (e.g. `zero_init_residual` for ResNets; `layer_scale`, `use_mask_token`
   for ViTs), passed through by name."""
   name = model_cfg.name
@@ -115,4 +130,5 @@ def build(model_cfg: Any) -> Backbone:
     raise ValueError(f"config.model has keys {unknown} that {name!r} ({module_cls.__name__}) "
                      f"does not take; its options: {', '.join(sorted(fields - {'parent', 'name'}))}.")
   dtype = jnp.bfloat16 if getattr(model_cfg, "half_precision", False) else jnp.float32
-  return Backbone(name=name, module=get_backbone(name, dtype=dtype, **options))
+  return Backbone(name=name, module=get_backbone(name, dtype=dtype, **options),
+                  pool=getattr(model_cfg, "pool", ""))
