@@ -487,7 +487,8 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
              f"than twice the combined standard error (seeds' spread and the held-out sets' "
              f"sampling error), or not; (BN ✓ / ✗): the same against the BN re-estimated random "
              f"init of a BatchNorm network.\n\n"
-             f"{summary_table(summary, row_floors, bn_floors)}\n\nEvery run:\n\n{markdown_table(rows)}\n")
+             f"{summary_table(summary, row_floors, bn_floors)}\n\n"
+             f"Every run:\n\n{markdown_table(rows)}\n")
   here = os.path.dirname(os.path.abspath(results_md))
   if curve_keys:
     section += (f"\nProbe curves over pretraining (mean over seeds): "

@@ -86,12 +86,12 @@ class Backbone:
   pool: str = ""
 
   def __post_init__(self):
+    allowed = POOLS if self.family == "vit" else ("mean",)  # A ResNet has no class token.
     if not self.pool:
-      object.__setattr__(self, "pool", "cls" if self.family == "vit" else "mean")
-    if self.pool not in POOLS or (self.family == "resnet" and self.pool != "mean"):
-      raise ValueError(f"config.model.pool = {self.pool!r} for {self.name!r}; use "
-                       f"{POOLS if self.family == 'vit' else ('mean',)} (a ResNet has no "
-                       f"class token).")
+      object.__setattr__(self, "pool", allowed[0])
+    if self.pool not in allowed:
+      raise ValueError(f"config.model.pool = {self.pool!r} for {self.name!r}; use one of "
+                       f"{allowed} (a ResNet has no class token).")
 
   @property
   def family(self) -> str:
@@ -116,9 +116,8 @@ _NOT_MODULE_ARGS = ("name", "half_precision", "pool")
 
 def build(model_cfg: Any) -> Backbone:
   """The backbone of `config.model`: `name`, `half_precision` (bfloat16 compute), `pool`
-  (`Backbone.pool`) and the
-  module's own options (e.g. `zero_init_residual` for ResNets; `layer_scale`, `use_mask_token`
-  for ViTs), passed through by name."""
+  (`Backbone.pool`) and the module's own options (e.g. `zero_init_residual` for ResNets;
+  `layer_scale`, `use_mask_token` for ViTs), passed through by name."""
   name = model_cfg.name
   _check(name)
   items = model_cfg.items() if hasattr(model_cfg, "items") else vars(model_cfg).items()
