@@ -5,6 +5,7 @@ Runs the real trainer on the `test` variant (ResNet-18 at 64 px on the embedded 
 """
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -122,7 +123,7 @@ _CONSTANT_EMA = {**_CONSTANT, "method.momentum_schedule": "constant"}
 
 
 @pytest.mark.parametrize("method", ["byol", "univip"])
-def test_resume_is_bitwise_for_byol_and_univip(method, tmp_path):
+def test_resume_is_bitwise_for_byol_and_univip(method, tmp_path, caplog):
   # Two runs, not three (each costs these methods a minute of set-up on CI): the resumed run
   # starts from a copy of the reference run's workdir without its last checkpoint.
   reference, work = str(tmp_path / "reference"), str(tmp_path / "resumed")
@@ -131,7 +132,10 @@ def test_resume_is_bitwise_for_byol_and_univip(method, tmp_path):
   shutil.copytree(reference, work)
   shutil.rmtree(os.path.join(work, "checkpoints", "4"))
   assert checkpoint.saved_steps(work) == [2]
-  state = train.run(_config(method, total_steps=4, **_CONSTANT_EMA), work)  # continues from 2
+  with caplog.at_level(logging.INFO, logger="absl"):
+    state = train.run(_config(method, total_steps=4, **_CONSTANT_EMA), work)
+  # It continued from step 2: retraining from step 0 would give the same parameters.
+  assert "Resumed from the checkpoint of step 2" in caplog.text
   assert int(state.step) == 4
   _assert_trees_equal(_params(reference), _params(work))
 
