@@ -24,8 +24,9 @@ under --workdir: the same command after a kill continues where it stopped. Write
     dense-probe prediction;
   * <workdir>/results.json with every number.
 
---total_steps overrides the variant's budget (e.g. a quick look) and --variant the config
-variant (e.g. `test` for a smoke run); the section written says what was used.
+--total_steps overrides the variant's budget (e.g. a quick look; the lr warm-up keeps its share
+of the run) and --variant the config variant (e.g. `test` for a smoke run); the section
+written says what was used.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def evaluate_backbone(evaluators: dict[str, Any], variables: Any) -> tuple[dict[
   for name, evaluator in evaluators.items():
     if isinstance(evaluator, dense.DenseProbe):
       dense_result = evaluator.evaluate(variables)
-      pairs = {"miou": dense_result.miou, "pixel_acc": dense_result.pixel_acc}.items()
+      pairs = {"miou": dense_result.miou, "miou_se": dense_result.miou_se,
+               "pixel_acc": dense_result.pixel_acc}.items()
     else:
       pairs = evaluator.run(variables)
     results.update({f"{name}/{k}": float(v) for k, v in pairs})
@@ -175,6 +177,11 @@ def _config(method: str, variant: str, seed: int, total_steps: int | None,
   overrides = {"seed": seed}
   if total_steps:
     overrides.update(total_epochs=0.0, total_steps=total_steps)
+    if config.total_steps:
+      # The warm-up keeps its share of the run: a fixed number of epochs would be most or all
+      # of a short look (BYOL's 0.5 epoch is 156 steps, more than 100).
+      overrides["optim.warmup_epochs"] = (config.optim.warmup_epochs * total_steps
+                                          / config.total_steps)
   if curve_points and (total_steps or config.total_steps):
     # A checkpoint per point of the probe curves, all kept.
     steps = total_steps or config.total_steps
@@ -186,8 +193,10 @@ def _config(method: str, variant: str, seed: int, total_steps: int | None,
 def _budget(config: Any) -> str:
   duration = (f"{config.total_steps} steps" if config.total_steps
               else f"{config.total_epochs} epochs")
+  from dense_ssl import optim
   return (f"{config.model.name} at {config.data.image_size} px, batch {config.batch_size}, "
-          f"{duration}, {config.optim.name} lr {config.optim.lr}, data {config.data.source}")
+          f"{duration}, {config.optim.name} peak lr "
+          f"{optim.peak_lr(config.optim, config.batch_size):.3g}, data {config.data.source}")
 
 
 def _cached(path: str, compute: Any) -> dict[str, Any]:
@@ -205,9 +214,10 @@ def _cached(path: str, compute: Any) -> dict[str, Any]:
 
 
 def standard_errors(evaluators: dict[str, Any], row: dict[str, Any]) -> dict[str, float]:
-  """Sampling standard error of each probe accuracy of one backbone: sqrt(p(1-p)/n) over the
-  evaluator's n held-out test images (the same images for every backbone)."""
-  out = {}
+  """Sampling standard error of each probe score of one backbone: sqrt(p(1-p)/n) of an
+  accuracy over the evaluator's n held-out test images (the same images for every backbone),
+  or the error an evaluator reports itself as "<key>_se" (the dense probe's bootstrap)."""
+  out = {k[:-len("_se")]: v for k, v in row.items() if k.endswith("_se")}
   for name, evaluator in evaluators.items():
     n = getattr(evaluator, "num_test", None)
     key = f"{name}/top1"
@@ -468,16 +478,18 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
              + (f" --variant={variant}" if variant != "fmnist_scenes" else "")
              + (f" --total_steps={total_steps}" if total_steps else ""))
   chance = rows[0].get("corr/chance_acc")
-  budgets = "; ".join(
-      f"{', '.join(parse_method(m)[1] for m in specs if arch[m] == a)}: "
-      f"{_budget(_config(next(m for m in specs if arch[m] == a), variant, seeds[0], total_steps))}"
-      for a in backbones)
+  # Grouped by the budget itself: methods of one architecture may differ in optimiser or lr.
+  by_budget = {}
+  for m in specs:
+    by_budget.setdefault(_budget(_config(m, variant, seeds[0], total_steps)), []).append(
+        parse_method(m)[1])
+  budgets = "; ".join(f"{', '.join(names)}: {b}" for b, names in by_budget.items())
   row_floors = {parse_method(m)[1]: floor_name[arch[m]] for m in specs}
   row_floors.update({f: f for f in [*floor_name.values(), *bn_floor_name.values()]})
   bn_floors = {parse_method(m)[1]: bn_floor_name[arch[m]] for m in specs if has_bn[arch[m]]}
   section = (f"## Every method vs random init on Fashion-MNIST scenes\n\n"
              f"{common.machine_header(jax.devices())}\n\n`{command}`\n\n"
-             f"Budgets (per architecture): {budgets}. Frozen online backbone, evaluators of "
+             f"Budgets: {budgets}. Frozen online backbone, evaluators of "
              f"dense_ssl/evaluate: probes fitted on held-out garments/scenes, correspondence = "
              f"final-map matches vs geometry within one cell"
              + (f" (chance {chance:.1%})" if chance is not None else "") + ". "

@@ -305,7 +305,15 @@ def test_dense_probe_prefers_the_supervised_backbone(random_init, supervised):
   confusion = dense.confusion_matrix(result.predictions, result.label_maps, 11)
   assert result.miou == pytest.approx(dense.iou_from_confusion(confusion)[0])
   assert result.pixel_acc == pytest.approx(np.mean(result.predictions == result.label_maps))
-  assert dict(probe.run(supervised)) == {"miou": result.miou, "pixel_acc": result.pixel_acc}
+  assert dict(probe.run(supervised)) == {"miou": result.miou, "miou_se": result.miou_se,
+                                         "pixel_acc": result.pixel_acc}
+  # Its sampling error is that of 128 scenes: positive, and about sqrt(2) larger on half of
+  # them (the bootstrap of the mIoU over scenes).
+  assert 0.0 < result.miou_se < 0.1
+  half = dense.miou_standard_error(result.predictions[:64], result.label_maps[:64], 11)
+  assert 1.1 < half / result.miou_se < 1.9, (half, result.miou_se)
+  perfect = dense.miou_standard_error(result.label_maps, result.label_maps, 11)
+  assert perfect == 0.0
 
 
 def test_correspondence_prefers_the_colour_edge_backbone(random_init, colour_edge):

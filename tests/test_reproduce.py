@@ -6,6 +6,7 @@ import re
 
 import matplotlib.image
 import numpy as np
+import pytest
 
 from benchmarks import reproduce
 from dense_ssl import evaluate, models
@@ -44,8 +45,13 @@ def test_evaluate_backbone_and_dense_figure(tmp_path):
        "dense": {"num_train": 16, "num_test": 6, "image_size": 64, "steps": 10}}, backbone)
   results, dense_result = reproduce.evaluate_backbone(evaluators,
                                                       features.init_variables(backbone))
-  assert set(results) == {"knn/top1", "dense/miou", "dense/pixel_acc"}
+  assert set(results) == {"knn/top1", "dense/miou", "dense/miou_se", "dense/pixel_acc"}
   assert results["dense/miou"] == dense_result.miou
+  # The dense probe's own bootstrap error is the one the verdicts use; k-NN's is binomial.
+  errors = reproduce.standard_errors(evaluators, results)
+  assert errors["dense/miou"] == results["dense/miou_se"] > 0
+  assert errors["knn/top1"] == pytest.approx(
+      np.sqrt(results["knn/top1"] * (1 - results["knn/top1"]) / 20))
   assert dense_result.predictions.shape == (6, 64, 64)
 
   truth = scenes.make_scenes(6, seed=0, split="probe_test", size=64)
@@ -162,3 +168,17 @@ def test_a_backbone_variant_of_the_same_name_is_its_own_architecture():
   assert arch == {"mocov3": "vit_micro8", "mocov3:dilemma": "vit_micro8",
                   "conmim": "vit_micro8-conmim", "mocov2": "resnet18"}
   assert by_key["vit_micro8-conmim"] == backbones["conmim"]
+
+
+def test_a_shorter_budget_keeps_the_warm_up_share_of_the_run():
+  """--total_steps=100 on a 2000-step variant: BYOL's 0.5 epoch of warm-up (156 steps) would
+  outlast the run, so it shrinks with the budget; the methods without warm-up keep none."""
+  from dense_ssl import optim
+  full = reproduce._config("byol", "fmnist_scenes", 0, None)
+  short = reproduce._config("byol", "fmnist_scenes", 0, 100)
+  num = full.data.scenes_num_images
+  full_d, short_d = optim.durations(full, num), optim.durations(short, num)
+  assert (full_d.total_steps, short_d.total_steps) == (2000, 100)
+  assert full_d.warmup_steps == 156
+  assert short_d.warmup_steps == round(156 / 20)
+  assert reproduce._config("mocov2", "fmnist_scenes", 0, 100).optim.warmup_epochs == 0.0

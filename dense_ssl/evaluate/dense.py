@@ -46,6 +46,21 @@ def iou_from_confusion(confusion: np.ndarray) -> tuple[float, np.ndarray]:
   return float(np.nanmean(iou)), iou
 
 
+def miou_standard_error(pred: np.ndarray, gt: np.ndarray, num_classes: int, *,
+                        resamples: int = 200, seed: int = 0) -> float:
+  """Bootstrap standard error of the mIoU of (N, H, W) predictions over their N test scenes.
+
+  mIoU pools pixels over scenes, so it has no closed-form sampling error like an accuracy's
+  sqrt(p(1-p)/n): the scenes are resampled with replacement and the mIoU recomputed.
+  """
+  per_scene = np.stack([confusion_matrix(p, g, num_classes) for p, g in zip(pred, gt)])
+  rng = np.random.default_rng(seed)
+  n = len(per_scene)
+  draws = [iou_from_confusion(per_scene[rng.integers(0, n, n)].sum(0))[0]
+           for _ in range(resamples)]
+  return float(np.std(draws, ddof=1))
+
+
 def _logits(params: dict[str, Any], maps: Sequence[jax.Array],
             out_hw: tuple[int, int]) -> jax.Array:
   logits = params["b"]
@@ -104,6 +119,7 @@ def predict_dense(params: dict[str, Any], maps: Sequence[np.ndarray], out_hw: tu
 class DenseResult:
   """The probe's score and what it was computed from (for figures)."""
   miou: float
+  miou_se: float  # bootstrap over the test scenes (`miou_standard_error`)
   pixel_acc: float
   iou: np.ndarray  # (11,), NaN for classes absent from truth and prediction
   images: np.ndarray  # (N, H, W, 3) uint8 test scenes
@@ -154,10 +170,13 @@ class DenseProbe:
     pred = predict_dense(params, list(test_maps), gt.shape[1:], self.batch_size)
     confusion = confusion_matrix(pred, gt, scenes.NUM_SEGMENTATION_CLASSES)
     miou, iou = iou_from_confusion(confusion)
-    return DenseResult(miou=miou, pixel_acc=float(np.trace(confusion) / confusion.sum()),
+    return DenseResult(miou=miou,
+                       miou_se=miou_standard_error(pred, gt, scenes.NUM_SEGMENTATION_CLASSES),
+                       pixel_acc=float(np.trace(confusion) / confusion.sum()),
                        iou=iou, images=test["images"], label_maps=gt, predictions=pred)
 
   def run(self, variables: Any) -> Iterator[tuple[str, float]]:
     result = self.evaluate(variables)
     yield "miou", result.miou
+    yield "miou_se", result.miou_se
     yield "pixel_acc", result.pixel_acc
