@@ -20,4 +20,4 @@ def get_config(arg=None):
   return common.apply_variant(c, arg, {"default": None, "coco": densecl.coco,
                                        "demo": common.demo_overrides,
                                        "test": common.test_overrides,
-                                       "fmnist_scenes": common.fmnist_scenes_overrides})
+                                       "fmnist_scenes": common.sgd_fmnist_scenes_overrides})

@@ -16,4 +16,4 @@ def get_config(arg=None):
   c.method = common.moco_method()
   return common.apply_variant(c, arg, {"default": None, "demo": common.demo_overrides,
                                        "test": common.test_overrides,
-                                       "fmnist_scenes": common.fmnist_scenes_overrides})
+                                       "fmnist_scenes": common.sgd_fmnist_scenes_overrides})
