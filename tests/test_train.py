@@ -110,9 +110,12 @@ def reference_run(tmp_path_factory):
   return _params(workdir)
 
 
-def test_resume_is_bitwise_equal_to_an_uninterrupted_run(reference_run, tmp_path):
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(reference_run, tmp_path, caplog):
   train.run(_config(total_steps=4, **_CONSTANT), str(tmp_path))
-  state = train.run(_config(total_steps=12, **_CONSTANT), str(tmp_path))  # continues from 4
+  with caplog.at_level(logging.INFO, logger="absl"):
+    state = train.run(_config(total_steps=12, **_CONSTANT), str(tmp_path))
+  # It continued from step 4: retraining from step 0 would give the same parameters.
+  assert "Resumed from the checkpoint of step 4" in caplog.text
   assert int(state.step) == 12
   _assert_trees_equal(reference_run, _params(str(tmp_path)))
 
