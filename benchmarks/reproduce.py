@@ -134,8 +134,7 @@ def evaluate_backbone(evaluators: dict[str, Any], variables: Any) -> tuple[dict[
   for name, evaluator in evaluators.items():
     if isinstance(evaluator, dense.DenseProbe):
       dense_result = evaluator.evaluate(variables)
-      pairs = {"miou": dense_result.miou, "miou_se": dense_result.miou_se,
-               "pixel_acc": dense_result.pixel_acc}.items()
+      pairs = dense_result.scores().items()
     else:
       pairs = evaluator.run(variables)
     results.update({f"{name}/{k}": float(v) for k, v in pairs})
@@ -191,9 +190,9 @@ def _config(method: str, variant: str, seed: int, total_steps: int | None,
 
 
 def _budget(config: Any) -> str:
+  from dense_ssl import optim
   duration = (f"{config.total_steps} steps" if config.total_steps
               else f"{config.total_epochs} epochs")
-  from dense_ssl import optim
   return (f"{config.model.name} at {config.data.image_size} px, batch {config.batch_size}, "
           f"{duration}, {config.optim.name} peak lr "
           f"{optim.peak_lr(config.optim, config.batch_size):.3g}, data {config.data.source}")
@@ -481,8 +480,7 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
   # Grouped by the budget itself: methods of one architecture may differ in optimiser or lr.
   by_budget = {}
   for m in specs:
-    by_budget.setdefault(_budget(_config(m, variant, seeds[0], total_steps)), []).append(
-        parse_method(m)[1])
+    by_budget.setdefault(_budget(configs[m]), []).append(parse_method(m)[1])
   budgets = "; ".join(f"{', '.join(names)}: {b}" for b, names in by_budget.items())
   row_floors = {parse_method(m)[1]: floor_name[arch[m]] for m in specs}
   row_floors.update({f: f for f in [*floor_name.values(), *bn_floor_name.values()]})

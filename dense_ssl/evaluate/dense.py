@@ -126,6 +126,10 @@ class DenseResult:
   label_maps: np.ndarray  # (N, H, W) ground truth
   predictions: np.ndarray  # (N, H, W)
 
+  def scores(self) -> dict[str, float]:
+    """The numbers the probe reports (`DenseProbe.run`)."""
+    return {"miou": self.miou, "miou_se": self.miou_se, "pixel_acc": self.pixel_acc}
+
 
 @base.register("dense")
 class DenseProbe:
@@ -176,7 +180,4 @@ class DenseProbe:
                        iou=iou, images=test["images"], label_maps=gt, predictions=pred)
 
   def run(self, variables: Any) -> Iterator[tuple[str, float]]:
-    result = self.evaluate(variables)
-    yield "miou", result.miou
-    yield "miou_se", result.miou_se
-    yield "pixel_acc", result.pixel_acc
+    yield from self.evaluate(variables).scores().items()
