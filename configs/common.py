@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       **IMAGENET, image_size=224, crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True,
       shuffle_buffer=10_000, demo_num_images=1024, prefetch=2, scenes_num_images=10_000,
-      scenes_size=96, folder_decoder="tf"))
+      scenes_size=96, scenes_background_pool=0, folder_decoder="tf"))
   # Colour augmentation presets by name; each view of a method names one (its ViewSpec).
   c.augment = ml_collections.ConfigDict(dict(
       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),

@@ -39,11 +39,17 @@ def test_garment_boxes_cover_every_garment_pixel():
     assert 2 <= n <= 5
 
 
-def test_garments_as_proposals_through_the_source():
+@pytest.mark.parametrize("pool", [0, 3])
+def test_garments_as_proposals_through_the_source(pool):
   config = config_errors.load_config("configs/univip.py:test")
+  config = config_errors.override(config, {"data.scenes_background_pool": pool})
   source = sources.create(config.data)
-  made = scenes.make_scenes(4, sources.SCENES_DATA_SEED, "pretrain", 96)
+  made = scenes.make_scenes(4, sources.SCENES_DATA_SEED, "pretrain", 96, background_pool=pool)
+  np.testing.assert_array_equal(np.stack(proposals.read_images(config.data, 0, 4)),
+                                made["images"])
   for i in range(4):
+    np.testing.assert_array_equal(source.load(tf.constant(i, tf.int64))[0].numpy(),
+                                  made["images"][i])
     got = source.extras(tf.constant(i, tf.int64))["proposals"].numpy()
     want = proposals.normalise(proposals.filter_boxes(made["boxes"][i][:made["num_boxes"][i]],
                                                       12.0), 96, 96)

@@ -49,6 +49,22 @@ def test_scenes_are_deterministic_prefix_stable_and_seeded():
   assert not np.array_equal(a["images"][:2], d["images"])
 
 
+def test_a_background_pool_shares_backgrounds_between_scenes():
+  # Without garments a scene is its background: a pool of 3 gives at most 3 different ones.
+  def distinct(pool):
+    empty = scenes.make_scenes(12, seed=0, split="pretrain", size=32, num_objects=(0, 0),
+                               background_pool=pool)["images"]
+    return len({image.tobytes() for image in empty})
+  assert distinct(0) == 12 and 2 <= distinct(3) <= 3
+  a = scenes.make_scenes(6, seed=1, split="pretrain", size=48, background_pool=4)
+  b = scenes.make_scenes(3, seed=1, split="pretrain", size=48, background_pool=4, start=3)
+  for key in a:
+    np.testing.assert_array_equal(a[key][3:], b[key])
+  assert a["num_boxes"].min() >= 2
+  with pytest.raises(ValueError, match="background_pool"):
+    scenes.make_scenes(1, 0, "pretrain", background_pool=-1)
+
+
 def test_label_maps_and_multi_hot_agree_with_the_pixels():
   out = scenes.make_scenes(24, seed=0, split="pretrain", size=96)
   maps, hot = out["label_maps"], out["multi_hot"]

@@ -118,7 +118,9 @@ def _dataset_id(data_cfg: Any) -> str:
   if source == "demo":
     return f"demo-{int(data_cfg.demo_num_images)}"
   if source == "fmnist_scenes":
-    return f"fmnist_scenes-{int(data_cfg.scenes_num_images)}-{int(data_cfg.scenes_size)}"
+    pool = int(data_cfg.scenes_background_pool)
+    return (f"fmnist_scenes-{int(data_cfg.scenes_num_images)}-{int(data_cfg.scenes_size)}"
+            + (f"-bg{pool}" if pool else ""))
   if source == "folder":
     return "folder"
   return f"{source}-{data_cfg.split}".replace("[", "_").replace("]", "").replace(":", "_")
@@ -194,10 +196,8 @@ def read_images(data_cfg: Any, start: int, end: int) -> list[np.ndarray]:
   read through their `Source.load` eagerly.
   """
   if data_cfg.source == "fmnist_scenes":
-    from dense_ssl.data import scenes, sources  # pylint: disable=g-import-not-at-top
-    made = scenes.make_scenes(end - start, sources.SCENES_DATA_SEED, "pretrain",
-                              int(data_cfg.scenes_size), start=start)
-    return list(made["images"])
+    from dense_ssl.data import sources  # pylint: disable=g-import-not-at-top
+    return list(sources.pretrain_scenes(data_cfg, end - start, start)["images"])
   source = _source(data_cfg)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return [source.load(tf.constant(i, tf.int64))[0].numpy() for i in range(start, end)]

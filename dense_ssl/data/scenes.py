@@ -175,9 +175,12 @@ def _to_uint8(canvas: np.ndarray) -> np.ndarray:
 
 
 def _scene(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray, size: int,
-           textures: Sequence[np.ndarray], num_objects: Sequence[int],
-           scale: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  canvas = _background(rng, size, textures)
+           textures: Sequence[np.ndarray], num_objects: Sequence[int], scale: Sequence[float],
+           pool: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  if len(pool):
+    canvas = pool[int(rng.integers(len(pool)))].copy()
+  else:
+    canvas = _background(rng, size, textures)
   label_map = np.zeros((size, size), np.uint8)
   boxes = []
   for _ in range(int(rng.integers(num_objects[0], num_objects[1] + 1))):
@@ -193,6 +196,7 @@ def _rng(seed: int, split: str, index: int, kind: int) -> np.random.Generator:
 
 def make_scenes(n: int, seed: int, split: str, size: int = 96, *, start: int = 0,
                 num_objects: Sequence[int] = (2, 5), scale: Sequence[float] = (0.25, 0.5),
+                background_pool: int = 0,
                 directory: str = DEFAULT_DIR) -> dict[str, np.ndarray]:
   """Scenes start .. start + n - 1 of `split` (see the module docstring).
 
@@ -204,6 +208,10 @@ def make_scenes(n: int, seed: int, split: str, size: int = 96, *, start: int = 0
     start: index of the first scene (a data source can generate its scenes in chunks).
     num_objects: inclusive range of garments per scene.
     scale: range of a garment's side as a fraction of the canvas side.
+    background_pool: 0 draws each scene its own background; k > 0 draws k backgrounds (a
+      pure function of (seed, split)) and gives each scene one of them at random, so that a
+      background does not identify a scene: instance discrimination then has to tell scenes
+      apart by their garments.
     directory: where the Fashion-MNIST files are.
 
   Returns dict(images (n, size, size, 3) uint8, label_maps (n, size, size) uint8 with
@@ -213,13 +221,17 @@ def make_scenes(n: int, seed: int, split: str, size: int = 96, *, start: int = 0
   """
   images, labels = garments(split, directory)
   textures = load_textures()
+  if background_pool < 0:
+    raise ValueError(f"background_pool must be >= 0 (0 = one background per scene), got "
+                     f"{background_pool}.")
+  pool = [_background(_rng(seed, split, j, 2), size, textures) for j in range(background_pool)]
   out_images = np.zeros((n, size, size, 3), np.uint8)
   out_maps = np.zeros((n, size, size), np.uint8)
   out_boxes = np.zeros((n, num_objects[1], 4), np.int32)
   num_boxes = np.zeros((n,), np.int32)
   for k in range(n):
     out_images[k], out_maps[k], boxes = _scene(_rng(seed, split, start + k, 0), images, labels,
-                                               size, textures, num_objects, scale)
+                                               size, textures, num_objects, scale, pool)
     out_boxes[k, :len(boxes)], num_boxes[k] = boxes, len(boxes)
   return dict(images=out_images, label_maps=out_maps, multi_hot=multi_hot(out_maps),
               boxes=out_boxes, num_boxes=num_boxes)

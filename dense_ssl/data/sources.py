@@ -357,15 +357,23 @@ def folder(data_cfg: Any) -> Source:
 SCENES_DATA_SEED = 0
 
 
+def pretrain_scenes(data_cfg: Any, n: int, start: int = 0) -> dict[str, np.ndarray]:
+  """Scenes start .. start + n - 1 of the pretraining set `data_cfg` describes (scenes_size,
+  scenes_background_pool), as `scenes.make_scenes` returns them."""
+  from dense_ssl.data import scenes  # pylint: disable=g-import-not-at-top
+  return scenes.make_scenes(n, SCENES_DATA_SEED, "pretrain", int(data_cfg.scenes_size),
+                            start=start,
+                            background_pool=int(data_cfg.scenes_background_pool))
+
+
 @register("fmnist_scenes")
 def fmnist_scenes(data_cfg: Any) -> Source:
   """Fashion-MNIST multi-object scenes (data/scenes.py, "pretrain" split: no probe garment),
   `data_cfg.scenes_num_images` of `data_cfg.scenes_size` px, made once and held in memory."""
-  from dense_ssl.data import scenes  # pylint: disable=g-import-not-at-top
   num = int(data_cfg.scenes_num_images)
   if num < 1:
     raise ValueError(f"config.data.scenes_num_images must be >= 1, got {num}.")
-  made = scenes.make_scenes(num, SCENES_DATA_SEED, "pretrain", int(data_cfg.scenes_size))
+  made = pretrain_scenes(data_cfg, num)
   images = tf.constant(made["images"])
 
   def load(index: tf.Tensor) -> Decoded:
