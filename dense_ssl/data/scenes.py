@@ -210,8 +210,8 @@ def make_scenes(n: int, seed: int, split: str, size: int = 96, *, start: int = 0
     scale: range of a garment's side as a fraction of the canvas side.
     background_pool: 0 draws each scene its own background; k > 0 draws k backgrounds (a
       pure function of (seed, split)) and gives each scene one of them at random, so that a
-      background does not identify a scene: instance discrimination then has to tell scenes
-      apart by their garments.
+      background does not identify a scene and instance discrimination has to tell scenes
+      apart by their garments (benchmarks/RESULTS.md §4e: it does not lift the probes).
     directory: where the Fashion-MNIST files are.
 
   Returns dict(images (n, size, size, 3) uint8, label_maps (n, size, size) uint8 with
