@@ -219,11 +219,11 @@ def make_scenes(n: int, seed: int, split: str, size: int = 96, *, start: int = 0
   boxes (n, num_objects[1], 4) int32: each garment's own box (y0, x0, y1, x1) in pixels, as
   placed (before occlusion), rows past num_boxes[i] zero, num_boxes (n,) int32).
   """
-  images, labels = garments(split, directory)
-  textures = load_textures()
   if background_pool < 0:
     raise ValueError(f"background_pool must be >= 0 (0 = one background per scene), got "
                      f"{background_pool}.")
+  images, labels = garments(split, directory)
+  textures = load_textures()
   pool = [_background(_rng(seed, split, j, 2), size, textures) for j in range(background_pool)]
   out_images = np.zeros((n, size, size, 3), np.uint8)
   out_maps = np.zeros((n, size, size), np.uint8)
