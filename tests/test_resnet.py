@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,3 +173,22 @@ def test_rejects_nchw_and_unknown_names():
   with pytest.raises(ValueError, match="valid names"):
     models.num_features("vgg16")
   assert set(resnet.VARIANTS) <= set(models.names())
+
+
+def test_width_scales_every_stage_and_keeps_the_layout():
+  x = jnp.zeros((1, 64, 64, 3))
+  shapes = {w: jax.eval_shape(lambda w=w: models.get_backbone("resnet18", width=w).init(
+      jax.random.key(0), x, train=False)) for w in (64, 16)}
+  paths = lambda t: {jax.tree_util.keystr(p): v.shape
+                     for p, v in jax.tree_util.tree_leaves_with_path(t)}
+  full, narrow = paths(shapes[64]), paths(shapes[16])
+  assert full.keys() == narrow.keys()  # the same names: export's key map holds at any width
+  for key, shape in full.items():
+    # Every channel count shrinks 4x; the stem's 3 input channels stay.
+    expect = tuple(d // 4 if d >= 64 else d for d in shape)
+    assert narrow[key] == expect, key
+  # config.model.width reaches the module, and the backbone knows its feature size.
+  backbone = models.build(types.SimpleNamespace(name="resnet18", width=16))
+  assert backbone.num_features == 128 == resnet.num_features("resnet18", 16)
+  out = backbone.module.init_with_output(jax.random.key(0), x, train=False)[0]
+  assert out.shape == (1, 2, 2, 128)

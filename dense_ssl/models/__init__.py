@@ -103,6 +103,8 @@ class Backbone:
 
   @property
   def num_features(self) -> int:
+    if self.family == "resnet":
+      return resnet.num_features(self.name, self.module.width)
     return num_features(self.name)
 
   def eval_module(self) -> nn.Module:

@@ -133,6 +133,10 @@ class ResNet(nn.Module):
     dtype: computation dtype; parameters stay float32.
     cpu_kernels: use `dense_ssl.models.conv`'s convolution and pooling kernels, which XLA:CPU
       runs faster than its own (same values); `models.get_backbone` sets it on CPU hosts.
+    width: channels of the stem and the first stage, doubled at each later stage (64 in
+      torchvision and every paper; the CPU benchmark's 16 costs ~1/16 of the FLOPs and trains
+      ~5x faster on 2 cores, benchmarks/RESULTS.md §4f). The parameter names are the same at
+      any width, so the export's layout holds; only torchvision's own constructor assumes 64.
   """
 
   stage_sizes: Sequence[int]
@@ -140,6 +144,7 @@ class ResNet(nn.Module):
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
   cpu_kernels: bool = False
+  width: int = 64
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
@@ -152,14 +157,14 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet expects NHWC RGB images of shape (N, H, W, 3), got {x.shape}; "
                        "transpose NCHW inputs with x.transpose(0, 2, 3, 1).")
     x = jnp.asarray(x, self.dtype)
-    x = _conv(64, 7, 2, "conv1", self.dtype, self.cpu_kernels)(x)
+    x = _conv(self.width, 7, 2, "conv1", self.dtype, self.cpu_kernels)(x)
     x = nn.relu(_norm(train, "bn1", self.dtype)(x))
     pool = conv.max_pool if self.cpu_kernels else nn.max_pool
     x = pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = self.block_cls(64 * 2**i, strides=strides,
+        x = self.block_cls(self.width * 2**i, strides=strides,
                            zero_init_residual=self.zero_init_residual, dtype=self.dtype,
                            cpu_kernels=self.cpu_kernels, name=f"layer{i + 1}_{j}")(x, train)
     return x
@@ -174,7 +179,8 @@ VARIANTS: dict[str, tuple[tuple[int, ...], type[BasicBlock] | type[Bottleneck]]]
 }
 
 
-def num_features(name: str) -> int:
-  """Channels of the C5 map of the variant `name` (512 or 2048), without building it."""
+def num_features(name: str, width: int = 64) -> int:
+  """Channels of the C5 map of the variant `name` (512 or 2048 at torchvision's width 64),
+  without building it."""
   _, block = VARIANTS[name]
-  return 512 * block.expansion
+  return 8 * width * block.expansion
