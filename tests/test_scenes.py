@@ -106,3 +106,39 @@ def test_single_garments_keep_their_labels():
   # Each image is a distinct picture, not a constant canvas.
   assert images.reshape(12, -1).std(1).min() > 10
   assert len({im.tobytes() for im in images}) == 12
+
+
+def test_grey_garments_are_the_tinted_scenes_without_colour():
+  tinted = scenes.make_scenes(6, seed=2, split="probe_train", size=64)
+  grey = scenes.make_scenes(6, seed=2, split="probe_train", size=64, tint=False)
+  # The same draws: same garments, places and label maps; only the garments' colour differs.
+  for key in ("label_maps", "boxes", "num_boxes", "multi_hot"):
+    np.testing.assert_array_equal(tinted[key], grey[key])
+  garment = grey["label_maps"] > 0
+  # Fully covered garment pixels of the grey scenes have R = G = B (up to uint8 rounding of
+  # the alpha blend at the edges); the tinted ones are coloured.
+  inner = garment & np.roll(garment, 1, 1) & np.roll(garment, -1, 1)
+  spread = lambda im: np.ptp(im.astype(np.int32), axis=-1)[inner]
+  assert np.median(spread(grey["images"])) <= 1
+  assert np.median(spread(tinted["images"])) > 20
+  images, labels = scenes.single_garments("probe_test", size=64, n=8, tint=False)
+  np.testing.assert_array_equal(labels, scenes.garments("probe_test")[1][:8])
+  assert np.median(np.ptp(images.astype(np.int32), axis=-1)[:, 24:40, 24:40]) <= 1
+
+
+def test_the_background_pool_is_one_for_every_split_and_seed():
+  pool = scenes.shared_backgrounds(3, 48)
+  as_uint8 = {scenes._to_uint8(b).tobytes() for b in pool}
+  # Scenes without garments are their backgrounds: every split and seed draws from the pool.
+  for split, seed in (("pretrain", 0), ("probe_train", 5), ("probe_test", 1)):
+    empty = scenes.make_scenes(10, seed=seed, split=split, size=48, num_objects=(0, 0),
+                               background_pool=3)["images"]
+    assert {image.tobytes() for image in empty} <= as_uint8
+  # The probes' single garments sit on one of them: their corners are a pool background's.
+  images, _ = scenes.single_garments("probe_train", size=48, n=20, background_pool=3)
+  corners = lambda im: np.concatenate([im[:2, :2], im[-2:, -2:]]).tobytes()
+  pool_corners = {corners(scenes._to_uint8(b)) for b in pool}
+  assert sum(corners(im) in pool_corners for im in images) >= 15  # big garments may cover one
+  np.testing.assert_array_equal(scenes.shared_backgrounds(2, 48), pool[:2])
+  with pytest.raises(ValueError, match="background_pool"):
+    scenes.single_garments("probe_train", size=48, n=1, background_pool=-2)

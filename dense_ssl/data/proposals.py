@@ -120,7 +120,8 @@ def _dataset_id(data_cfg: Any) -> str:
   if source == "fmnist_scenes":
     pool = int(data_cfg.scenes_background_pool)
     return (f"fmnist_scenes-{int(data_cfg.scenes_num_images)}-{int(data_cfg.scenes_size)}"
-            + (f"-bg{pool}" if pool else ""))
+            + (f"-bg{pool}" if pool else "")
+            + ("" if data_cfg.scenes_tint else "-grey"))
   if source == "folder":
     return "folder"
   return f"{source}-{data_cfg.split}".replace("[", "_").replace("]", "").replace(":", "_")

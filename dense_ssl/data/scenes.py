@@ -145,8 +145,12 @@ def _background(rng: np.random.Generator, size: int,
 
 
 def _place(rng: np.random.Generator, canvas: np.ndarray, label_map: np.ndarray,
-           garment: np.ndarray, label: int, side: int) -> tuple[int, int, int, int]:
+           garment: np.ndarray, label: int, side: int,
+           tint: bool = True) -> tuple[int, int, int, int]:
   """Enlarges a 28x28 uint8 garment to `side`, tints it and composites it at a random place.
+
+  With `tint` False the garment is grey, as bright as its tint would have been (the same
+  random draws, so the scene is otherwise the same).
 
   A pixel of intensity v covers the background with alpha = min(1, v / _COVER) and is labelled
   1 + `label` where alpha >= 1/2, overwriting (occluding) what was there. Returns the garment's
@@ -155,11 +159,13 @@ def _place(rng: np.random.Generator, canvas: np.ndarray, label_map: np.ndarray,
   """
   size = canvas.shape[0]
   y, x = (int(v) for v in rng.integers(0, size - side + 1, size=2))
-  tint = _random_colour(rng, value=(0.6, 1.0), saturation=(0.4, 1.0))
+  colour = _random_colour(rng, value=(0.6, 1.0), saturation=(0.4, 1.0))
+  if not tint:
+    colour = np.full(3, colour.max(), np.float32)  # HSV value = max(R, G, B)
   value = _resize(garment.astype(np.float32) / 255.0, side)
   alpha = np.clip(value / _COVER, 0.0, 1.0)[..., None]
   # Shading by intensity keeps the garment's inner detail (seams, logos) visible.
-  colour = tint * (0.4 + 0.6 * value[..., None])
+  colour = colour * (0.4 + 0.6 * value[..., None])
   region = canvas[y:y + side, x:x + side]
   region[...] = alpha * colour + (1 - alpha) * region
   covered = alpha[..., 0] >= 0.5
@@ -176,7 +182,8 @@ def _to_uint8(canvas: np.ndarray) -> np.ndarray:
 
 def _scene(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray, size: int,
            textures: Sequence[np.ndarray], num_objects: Sequence[int], scale: Sequence[float],
-           pool: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           pool: Sequence[np.ndarray],
+           tint: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   if len(pool):
     canvas = pool[int(rng.integers(len(pool)))].copy()
   else:
@@ -186,7 +193,7 @@ def _scene(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray, siz
   for _ in range(int(rng.integers(num_objects[0], num_objects[1] + 1))):
     i = int(rng.integers(len(images)))
     side = int(rng.integers(round(scale[0] * size), round(scale[1] * size) + 1))
-    boxes.append(_place(rng, canvas, label_map, images[i], int(labels[i]), side))
+    boxes.append(_place(rng, canvas, label_map, images[i], int(labels[i]), side, tint))
   return _to_uint8(canvas), label_map, np.asarray(boxes, np.int32).reshape(-1, 4)
 
 
@@ -194,9 +201,24 @@ def _rng(seed: int, split: str, index: int, kind: int) -> np.random.Generator:
   return np.random.default_rng([seed, SPLITS[split][3], kind, index])
 
 
+def shared_backgrounds(k: int, size: int,
+                       textures: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+  """The first `k` backgrounds of the fixed pool (float32 (size, size, 3) in [0, 1]).
+
+  One pool for every seed and split: the probes' garments and scenes sit on the very
+  backgrounds the pretraining scenes used, so a background is a known, class-free part of
+  the domain rather than a cue that tells one pretraining scene from another. Background j
+  is the same for any k > j (a prefix, like the scenes).
+  """
+  if k < 0:
+    raise ValueError(f"background_pool must be >= 0 (0 = one background per image), got {k}.")
+  textures = load_textures() if textures is None and k else textures
+  return [_background(_rng(0, "pretrain", j, 2), size, textures) for j in range(k)]
+
+
 def make_scenes(n: int, seed: int, split: str, size: int = 96, *, start: int = 0,
                 num_objects: Sequence[int] = (2, 5), scale: Sequence[float] = (0.25, 0.5),
-                background_pool: int = 0,
+                background_pool: int = 0, tint: bool = True,
                 directory: str = DEFAULT_DIR) -> dict[str, np.ndarray]:
   """Scenes start .. start + n - 1 of `split` (see the module docstring).
 
@@ -208,10 +230,12 @@ def make_scenes(n: int, seed: int, split: str, size: int = 96, *, start: int = 0
     start: index of the first scene (a data source can generate its scenes in chunks).
     num_objects: inclusive range of garments per scene.
     scale: range of a garment's side as a fraction of the canvas side.
-    background_pool: 0 draws each scene its own background; k > 0 draws k backgrounds (a
-      pure function of (seed, split)) and gives each scene one of them at random, so that a
-      background does not identify a scene and instance discrimination has to tell scenes
-      apart by their garments (benchmarks/RESULTS.md §4e: it does not lift the probes).
+    background_pool: 0 draws each scene its own background; k > 0 gives each scene one of
+      the k backgrounds of the fixed pool (`shared_backgrounds`, shared by every seed and
+      split) at random, so that a background does not identify a scene and instance
+      discrimination has to tell scenes apart by their garments (benchmarks/RESULTS.md §4f).
+    tint: False draws every garment grey instead of in a random colour (a colour that tells
+      one scene from another but says nothing of the class).
     directory: where the Fashion-MNIST files are.
 
   Returns dict(images (n, size, size, 3) uint8, label_maps (n, size, size) uint8 with
@@ -224,14 +248,14 @@ def make_scenes(n: int, seed: int, split: str, size: int = 96, *, start: int = 0
                      f"{background_pool}.")
   images, labels = garments(split, directory)
   textures = load_textures()
-  pool = [_background(_rng(seed, split, j, 2), size, textures) for j in range(background_pool)]
+  pool = shared_backgrounds(background_pool, size, textures)
   out_images = np.zeros((n, size, size, 3), np.uint8)
   out_maps = np.zeros((n, size, size), np.uint8)
   out_boxes = np.zeros((n, num_objects[1], 4), np.int32)
   num_boxes = np.zeros((n,), np.int32)
   for k in range(n):
     out_images[k], out_maps[k], boxes = _scene(_rng(seed, split, start + k, 0), images, labels,
-                                               size, textures, num_objects, scale, pool)
+                                               size, textures, num_objects, scale, pool, tint)
     out_boxes[k, :len(boxes)], num_boxes[k] = boxes, len(boxes)
   return dict(images=out_images, label_maps=out_maps, multi_hot=multi_hot(out_maps),
               boxes=out_boxes, num_boxes=num_boxes)
@@ -244,23 +268,28 @@ def multi_hot(label_maps: np.ndarray) -> np.ndarray:
 
 
 def single_garments(split: str, size: int = 64, *, n: int | None = None, seed: int = 0,
+                    background_pool: int = 0, tint: bool = True,
                     directory: str = DEFAULT_DIR) -> tuple[np.ndarray, np.ndarray]:
   """One tinted garment per image on a scene background, for the classification probes.
 
   Garment i of `split` (the first `n`, or all) is enlarged to 75-100% of the canvas and placed
   at a random offset on the same kind of background as the scenes, so the probes see the
-  pretraining domain.
+  pretraining domain: one of the fixed pool's backgrounds with `background_pool` > 0, and a
+  grey garment with `tint` False, as `make_scenes` draws them.
 
   Returns (images (n, size, size, 3) uint8, labels (n,) int32 in 0..9).
   """
   images, labels = garments(split, directory)
   n = len(images) if n is None else min(n, len(images))
   textures = load_textures()
+  pool = shared_backgrounds(background_pool, size, textures)
   out = np.zeros((n, size, size, 3), np.uint8)
   for i in range(n):
     rng = _rng(seed, split, i, 1)
-    canvas = _background(rng, size, textures)
+    canvas = (pool[int(rng.integers(len(pool)))].copy() if pool
+              else _background(rng, size, textures))
     side = int(rng.integers(round(0.75 * size), size + 1))
-    _place(rng, canvas, np.zeros((size, size), np.uint8), images[i], int(labels[i]), side)
+    _place(rng, canvas, np.zeros((size, size), np.uint8), images[i], int(labels[i]), side,
+           tint)
     out[i] = _to_uint8(canvas)
   return out, labels[:n]

@@ -359,11 +359,12 @@ SCENES_DATA_SEED = 0
 
 def pretrain_scenes(data_cfg: Any, n: int, start: int = 0) -> dict[str, np.ndarray]:
   """Scenes start .. start + n - 1 of the pretraining set `data_cfg` describes (scenes_size,
-  scenes_background_pool), as `scenes.make_scenes` returns them."""
+  scenes_background_pool, scenes_tint), as `scenes.make_scenes` returns them."""
   from dense_ssl.data import scenes  # pylint: disable=g-import-not-at-top
   return scenes.make_scenes(n, SCENES_DATA_SEED, "pretrain", int(data_cfg.scenes_size),
                             start=start,
-                            background_pool=int(data_cfg.scenes_background_pool))
+                            background_pool=int(data_cfg.scenes_background_pool),
+                            tint=bool(data_cfg.scenes_tint))
 
 
 @register("fmnist_scenes")

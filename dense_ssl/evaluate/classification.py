@@ -83,17 +83,20 @@ class _GarmentProbe:
   """Data and features shared by the linear and k-NN probes (the data is made once)."""
 
   def __init__(self, backbone: models.Backbone, *, num_train: int, num_test: int,
-               image_size: int, batch_size: int, seed: int, data_dir: str):
+               image_size: int, batch_size: int, seed: int, background_pool: int, tint: bool,
+               data_dir: str):
     self.backbone = backbone
     self.num_train, self.num_test = num_train, num_test
     self.image_size, self.batch_size = image_size, batch_size
     self.seed, self.data_dir = seed, data_dir
+    self.background_pool, self.tint = background_pool, tint
     self._data = None
 
   def data(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train images, train labels, test images, test labels)."""
     if self._data is None:
       make = functools.partial(scenes.single_garments, size=self.image_size, seed=self.seed,
+                               background_pool=self.background_pool, tint=self.tint,
                                directory=self.data_dir)
       self._data = (*make("probe_train", n=self.num_train), *make("probe_test", n=self.num_test))
     return self._data
@@ -113,9 +116,11 @@ class LinearProbe(_GarmentProbe):
   def __init__(self, backbone: models.Backbone, *, num_train: int = 5000, num_test: int = 2000,
                image_size: int = 64, steps: int = 500, lr: float = 1e-2,
                weight_decay: float = 1e-4, batch_size: int = 64, seed: int = 0,
+               background_pool: int = 0, tint: bool = True,
                data_dir: str = scenes.DEFAULT_DIR):
     super().__init__(backbone, num_train=num_train, num_test=num_test, image_size=image_size,
-                     batch_size=batch_size, seed=seed, data_dir=data_dir)
+                     batch_size=batch_size, seed=seed, background_pool=background_pool,
+                     tint=tint, data_dir=data_dir)
     self.steps, self.lr, self.weight_decay = steps, lr, weight_decay
 
   def run(self, variables: Any) -> Iterator[tuple[str, float]]:
@@ -133,9 +138,11 @@ class KNN(_GarmentProbe):
 
   def __init__(self, backbone: models.Backbone, *, num_train: int = 5000, num_test: int = 2000,
                image_size: int = 64, k: int = 20, temperature: float = 0.07,
-               batch_size: int = 64, seed: int = 0, data_dir: str = scenes.DEFAULT_DIR):
+               batch_size: int = 64, seed: int = 0, background_pool: int = 0,
+               tint: bool = True, data_dir: str = scenes.DEFAULT_DIR):
     super().__init__(backbone, num_train=num_train, num_test=num_test, image_size=image_size,
-                     batch_size=batch_size, seed=seed, data_dir=data_dir)
+                     batch_size=batch_size, seed=seed, background_pool=background_pool,
+                     tint=tint, data_dir=data_dir)
     self.k, self.temperature = k, temperature
 
   def run(self, variables: Any) -> Iterator[tuple[str, float]]:

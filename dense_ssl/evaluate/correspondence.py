@@ -101,19 +101,22 @@ class Correspondence:
   def __init__(self, backbone: models.Backbone, *, num_pairs: int = 256, scene_size: int = 96,
                image_size: int = 128, crop_scale: Sequence[float] = (0.4, 1.0),
                matchers: Sequence[str] = DEFAULT_MATCHERS, batch_size: int = 64,
-               seed: int = 0, data_dir: str = scenes.DEFAULT_DIR):
+               seed: int = 0, background_pool: int = 0, tint: bool = True,
+               data_dir: str = scenes.DEFAULT_DIR):
     unknown = sorted(set(matchers) - set(MATCHERS))
     if unknown:
       raise ValueError(f"Unknown matcher(s) {', '.join(unknown)}; valid: {', '.join(MATCHERS)}.")
     self.backbone, self.matchers, self.batch_size = backbone, tuple(matchers), batch_size
     self.num_pairs, self.scene_size, self.image_size = num_pairs, scene_size, image_size
     self.crop_scale, self.seed, self.data_dir = tuple(crop_scale), seed, data_dir
+    self.background_pool, self.tint = background_pool, tint
     self._pairs = None
 
   def pairs(self) -> dict[str, np.ndarray]:
     """The held-out pairs, made once."""
     if self._pairs is None:
       images = scenes.make_scenes(self.num_pairs, self.seed, "probe_test", self.scene_size,
+                                  background_pool=self.background_pool, tint=self.tint,
                                   directory=self.data_dir)["images"]
       self._pairs = make_pairs(images, seed=self.seed, image_size=self.image_size,
                                stride=self.backbone.stride, scale=self.crop_scale)

@@ -138,18 +138,21 @@ class DenseProbe:
   def __init__(self, backbone: models.Backbone, *, num_train: int = 1000, num_test: int = 500,
                image_size: int = 96, use_c4: bool = True, steps: int = 500,
                train_batch_size: int = 16, lr: float = 1e-2, weight_decay: float = 1e-4,
-               batch_size: int = 64, seed: int = 0, data_dir: str = scenes.DEFAULT_DIR):
+               batch_size: int = 64, seed: int = 0, background_pool: int = 0,
+               tint: bool = True, data_dir: str = scenes.DEFAULT_DIR):
     self.backbone = backbone
     self.num_train, self.num_test, self.image_size = num_train, num_test, image_size
     self.use_c4, self.steps, self.train_batch_size = use_c4, steps, train_batch_size
     self.lr, self.weight_decay = lr, weight_decay
     self.batch_size, self.seed, self.data_dir = batch_size, seed, data_dir
+    self.background_pool, self.tint = background_pool, tint
     self._data = None
 
   def data(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(train scenes, test scenes), made once."""
     if self._data is None:
       make = functools.partial(scenes.make_scenes, seed=self.seed, size=self.image_size,
+                               background_pool=self.background_pool, tint=self.tint,
                                directory=self.data_dir)
       self._data = (make(self.num_train, split="probe_train"),
                     make(self.num_test, split="probe_test"))

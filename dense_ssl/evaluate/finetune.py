@@ -88,7 +88,8 @@ class FineTune:
   def __init__(self, backbone: models.Backbone, *, num_train: int = 5000, num_test: int = 2000,
                image_size: int = 64, steps: int = 300, batch_size: int = 64, lr: float = 1e-3,
                warmup_steps: int = 30, layer_decay: float = 0.65, weight_decay: float = 0.05,
-               seed: int = 0, data_dir: str = scenes.DEFAULT_DIR):
+               seed: int = 0, background_pool: int = 0, tint: bool = True,
+               data_dir: str = scenes.DEFAULT_DIR):
     if backbone.family != "vit":
       raise ValueError(f"The finetune evaluator decays the learning rate over a ViT's blocks; "
                        f"{backbone.name!r} is a {backbone.family}: use the linear probe.")
@@ -97,9 +98,11 @@ class FineTune:
     self.steps, self.batch_size, self.lr, self.warmup_steps = steps, batch_size, lr, warmup_steps
     self.layer_decay, self.weight_decay, self.seed, self.data_dir = (layer_decay, weight_decay,
                                                                      seed, data_dir)
+    self.background_pool, self.tint = background_pool, tint
 
   def _data(self) -> tuple[np.ndarray, ...]:
     make = functools.partial(scenes.single_garments, size=self.image_size, seed=self.seed,
+                             background_pool=self.background_pool, tint=self.tint,
                              directory=self.data_dir)
     return (*make("probe_train", n=self.num_train), *make("probe_test", n=self.num_test))
 
