@@ -88,7 +88,7 @@ def fallback_config(method: str) -> AttrDict:
                 crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True,
                 shuffle_buffer=10_000, demo_num_images=1024, prefetch=2,
                 scenes_num_images=10_000, scenes_size=96, scenes_background_pool=0,
-                folder_decoder="tf"),
+                scenes_tint=True, folder_decoder="tf"),
       augment=dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                    presets=dict(mocov2=dict(
                        brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_prob=0.8,

@@ -367,10 +367,15 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
   evaluators = {a: evaluate.from_config(union[a], backbones[a]) for a in backbones}
   # Initialised at the size its methods train at: a relative position bias keeps that window.
   image_size = {arch[spec]: c.data.image_size for spec, c in reversed(configs.items())}
+  data = {arch[spec]: c.data for spec, c in reversed(configs.items())}
   floor_name = {a: f"random init ({a})" for a in backbones}
   bn_floor_name = {a: f"random init, BN re-estimated ({a})" for a in backbones}
-  pretrain_scenes = functools.lru_cache(lambda size: scenes.make_scenes(
-      bn_scenes, seed=0, split="pretrain", size=size)["images"])
+  # The pretraining scenes' own style (background pool, garment colour); `sources` would draw
+  # the same ones but imports TensorFlow.
+  pretrain_scenes = functools.lru_cache(lambda a: scenes.make_scenes(
+      bn_scenes, seed=0, split="pretrain", size=image_size[a],
+      background_pool=int(data[a].get("scenes_background_pool", 0)),
+      tint=bool(data[a].get("scenes_tint", True)))["images"])
   floor_seeds = {a: sorted({s for m, s in runs if arch[m] == a}) for a in backbones}
   random_init = functools.lru_cache(lambda a, seed: features.init_variables(
       backbones[a], seed=seed, image_size=image_size[a]))
@@ -404,7 +409,7 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
       bar.set_description(f"{bn_floor_name[a]} s{seed}")
       cached = _cached(os.path.join(workdir, f"random_init_bn_{a}_seed{seed}.json"),
                        lambda: scored(evaluators[a], features.reestimate_batch_stats(
-                           backbone, random_init(a, seed), pretrain_scenes(image_size[a]))))
+                           backbone, random_init(a, seed), pretrain_scenes(a))))
       rows.append({"name": bn_floor_name[a], "seed": seed, **cached["results"]})
       bar.update()
   for spec, seed in runs:

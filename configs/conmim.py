@@ -56,7 +56,7 @@ def fmnist_scenes(c):
   # chance (train loss 2.26 against ln 10 = 2.30; 10.9 % top-1); lr 4e-3 reads 16.6 % in 300
   # steps and 20.2 % in 600 (benchmarks/RESULTS.md §4).
   c.evals.finetune = dict(type="finetune", num_train=2000, num_test=1000, image_size=96,
-                          lr=4e-3, steps=600)
+                          lr=4e-3, steps=600, **common.scenes_style(c))
 
 
 def get_config(arg=None):
