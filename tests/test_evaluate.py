@@ -278,6 +278,31 @@ def test_registry_builds_evaluators_from_duck_typed_configs():
     evaluate.create("correspondence", BACKBONE, matchers=["sinkhorn"])
 
 
+def test_every_scene_evaluator_draws_the_configured_scene_style(monkeypatch):
+  """background_pool / tint reach the held-out data of each evaluator (the probes must see
+  the pretraining scenes' style, configs/common.py: fmnist_scenes_protocol)."""
+  style = dict(background_pool=2, tint=False)
+  pool = {scenes._to_uint8(b)[:2, :2].tobytes() for b in scenes.shared_backgrounds(2, 32)}
+  vit = models.Backbone("vit_micro8", models.get_backbone("vit_micro8"))
+  kw = dict(num_train=6, num_test=4, image_size=32, **style)
+  garments = [evaluate.create("linear", BACKBONE, **kw).data()[0],
+              evaluate.create("knn", BACKBONE, **kw).data()[2],
+              evaluate.create("finetune", vit, **kw)._data()[0]]
+  dense_scenes = evaluate.create("dense", BACKBONE, **kw).data()[1]["images"]
+  for images in [*garments, dense_scenes]:
+    assert any(im[:2, :2].tobytes() in pool for im in images)  # a pool background's corner
+  for images in garments:  # grey garments: R = G = B in the middle of the canvas
+    assert np.median(np.ptp(images[:, 12:20, 12:20].astype(np.int32), axis=-1)) <= 1
+  # The correspondence pairs are crops of scenes: what matters is what was asked for.
+  asked = []
+  make_scenes = scenes.make_scenes
+  monkeypatch.setattr(scenes, "make_scenes",
+                      lambda *a, **k: asked.append(k) or make_scenes(*a, **k))
+  evaluate.create("correspondence", BACKBONE, num_pairs=3, scene_size=32, image_size=64,
+                  **style).pairs()
+  assert [(k["background_pool"], k["tint"]) for k in asked] == [(2, False)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Informative beats random, per evaluator.
 # ---------------------------------------------------------------------------------------------
