@@ -1,12 +1,12 @@
-"""Every method against random init on Fashion-MNIST scenes: one command, one budget for all.
+"""Every method against random init on Fashion-MNIST scenes: one command for the whole table.
 
     python benchmarks/reproduce.py [--workdir=runs/reproduce] [--methods=mocov2,densecl,houghcl]
         [--seeds=0,1,2] [--one_seed=byol,mocov3,mocov3:dilemma] [--total_steps=N]
         [--variant=fmnist_scenes] [--curve_points=4]
 
-For every method and seed: pretrain `configs/<method>.py:<variant>` (the same data, batch and
-steps for all, and one backbone per family; resumes an interrupted run; `mocov3:dilemma` adds
-the config's `dilemma` variant), then evaluate the final online
+For every method and seed: pretrain `configs/<method>.py:<variant>` (the same data and batch
+for all, one backbone and one number of steps per family; resumes an interrupted run;
+`mocov3:dilemma` adds the config's `dilemma` variant), then evaluate the final online
 backbone with the evaluators of `config.evals` (linear probe and k-NN on held-out garments,
 dense-probe mIoU and correspondence accuracy on held-out scenes, and what the method's config
 adds, e.g. ConMIM's fine-tuning; see dense_ssl/evaluate), and its intermediate checkpoints with

@@ -102,8 +102,8 @@ def test_overrides(c: ml_collections.ConfigDict) -> None:
 
 
 def fmnist_scenes_overrides(c: ml_collections.ConfigDict) -> None:
-  """Fashion-MNIST scenes (benchmarks/reproduce.py): ResNet-18 at width 16, one budget for
-  every method.
+  """Fashion-MNIST scenes (benchmarks/reproduce.py): ResNet-18 at width 16, the protocol's
+  2000 steps (6.4 epochs of the 10k scenes).
 
   Views at the scenes' own 96 px (a 3x3 grid of 32 px cells, about one garment each): upsampled
   crops would add compute and no information. A quarter of torchvision's width (C5 of 128
@@ -228,9 +228,11 @@ def vit_test_overrides(c: ml_collections.ConfigDict) -> None:
 
 def vit_fmnist_scenes_overrides(c: ml_collections.ConfigDict) -> None:
   """The scenes' protocol (`fmnist_scenes_protocol`) with ViT-micro/8 at 96 px: 12 x 12
-  tokens, 4 x 4 per 32 px garment cell."""
+  tokens, 4 x 4 per 32 px garment cell, for 500 steps: MoCo v3's probes stop moving after
+  250 (benchmarks/RESULTS.md §4f), and a step costs about three of the width-16 ResNet's."""
   fmnist_scenes_protocol(c)
   c.model.name = "vit_micro8"
+  c.total_steps = 500
   c.optim.warmup_epochs = 0.0
 
 
