@@ -108,12 +108,18 @@ def colourize(label_map: np.ndarray) -> np.ndarray:
   return SEG_COLOURS[np.asarray(label_map)]
 
 
-def dense_figure(images: np.ndarray, truth: np.ndarray, predictions: dict[str, np.ndarray],
-                 miou: dict[str, float], path: str, num: int = 6) -> None:
-  """Rows: scene, ground truth, then each backbone's dense-probe prediction (with its mIoU)."""
-  rows = [("scene", images[:num]), ("ground truth", [colourize(t) for t in truth[:num]])]
-  rows += [(f"{name} ({miou[name]:.1%} mIoU)", [colourize(p) for p in pred[:num]])
-           for name, pred in predictions.items()]
+def dense_figure(panels: Sequence[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray],
+                                        dict[str, float]]],
+                 path: str, num: int = 6) -> None:
+  """One block of rows per (images, truth, {name: predictions}, {name: mIoU}) panel: the test
+  scenes, their ground truth, then each backbone's dense-probe prediction with its mIoU."""
+  rows = []
+  for images, truth, predictions, miou in panels:
+    side = images.shape[1]
+    rows += [(f"scene ({side} px)", images[:num]),
+             ("ground truth", [colourize(t) for t in truth[:num]])]
+    rows += [(f"{name} ({miou[name]:.1%} mIoU)", [colourize(p) for p in pred[:num]])
+             for name, pred in predictions.items()]
   fig, axes = plt.subplots(len(rows), num, figsize=(1.6 * num, 1.7 * len(rows)),
                            squeeze=False)
   for r, (title, pictures) in enumerate(rows):
@@ -205,10 +211,44 @@ def _cached(path: str, compute: Any) -> dict[str, Any]:
     with open(path) as f:
       return json.load(f)
   result = compute()
+  _write_json(path, result)
+  return result
+
+
+def _write_json(path: str, value: Any) -> None:
+  """Writes `value` to `path` atomically: a kill leaves the old file or the new one."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + ".tmp", "w") as f:
-    json.dump(result, f, indent=2)
+    json.dump(value, f, indent=2)
   os.replace(path + ".tmp", path)
+
+
+def _evaluator_of(key: str) -> str:
+  """The evaluator a result key belongs to: "knn/top1" and "se/knn/top1" -> "knn"."""
+  return key.split("/")[1 if key.startswith("se/") else 0]
+
+
+def _cached_scores(path: str, entries: Mapping[str, Any], compute: Any,
+                   rescore: Any) -> dict[str, Any]:
+  """`_cached` for a backbone's scores, with each evaluator's settings (`entries`, name ->
+  config entry) kept next to its numbers. An evaluator whose settings changed since, or that
+  a cache from before the settings were kept does not name, is scored again by
+  `rescore(names)` (a `scored`-like dict of those evaluators) and its numbers replaced; the
+  others are read back. A changed protocol of one probe re-scores that probe only, and a
+  number is never read back under settings other than those it was scored with.
+  """
+  entries = json.loads(json.dumps(dict(entries)))  # tuples as lists, as they read back
+  result = _cached(path, lambda: {**compute(), "evals": entries})
+  stale = [name for name, entry in entries.items() if result.get("evals", {}).get(name) != entry]
+  if not stale:
+    return result
+  fresh = rescore(stale)
+  kept = {k: v for k, v in result["results"].items()
+          if _evaluator_of(k) in entries and _evaluator_of(k) not in stale}
+  result = {**result, "results": {**kept, **fresh["results"]}, "evals": entries}
+  if fresh.get("dense_miou") is not None:
+    result.update(dense_miou=fresh["dense_miou"], dense_predictions=fresh["dense_predictions"])
+  _write_json(path, result)
   return result
 
 
@@ -396,20 +436,27 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
   for a, backbone in backbones.items():
     for seed in floor_seeds[a]:
       bar.set_description(f"{floor_name[a]} s{seed}")
-      cached = _cached(os.path.join(workdir, f"random_init_{a}_seed{seed}.json"),
-                       lambda: scored(evaluators[a], random_init(a, seed)))
+      cached = _cached_scores(
+          os.path.join(workdir, f"random_init_{a}_seed{seed}.json"), union[a],
+          lambda: scored(evaluators[a], random_init(a, seed)),
+          lambda names: scored({n: evaluators[a][n] for n in names}, random_init(a, seed)))
       floor_rows[(a, seed)] = {"name": floor_name[a], "seed": seed, **cached["results"]}
       rows.append(floor_rows[(a, seed)])
-      dense_results.setdefault(floor_name[a], cached)
+      dense_results.setdefault(a, {}).setdefault(floor_name[a], cached)
       bar.update()
       if not has_bn[a]:
         continue
       # The same random weights with running statistics of the pretraining scenes: a reference
       # row for a BatchNorm network, whose eval-mode floor above is un-normalised (RESULTS §4b).
       bar.set_description(f"{bn_floor_name[a]} s{seed}")
-      cached = _cached(os.path.join(workdir, f"random_init_bn_{a}_seed{seed}.json"),
-                       lambda: scored(evaluators[a], features.reestimate_batch_stats(
-                           backbone, random_init(a, seed), pretrain_scenes(a))))
+      def normalised(a=a, seed=seed, backbone=backbone):
+        return features.reestimate_batch_stats(backbone, random_init(a, seed),
+                                               pretrain_scenes(a))
+
+      cached = _cached_scores(
+          os.path.join(workdir, f"random_init_bn_{a}_seed{seed}.json"), union[a],
+          lambda: scored(evaluators[a], normalised()),
+          lambda names: scored({n: evaluators[a][n] for n in names}, normalised()))
       rows.append({"name": bn_floor_name[a], "seed": seed, **cached["results"]})
       bar.update()
   for spec, seed in runs:
@@ -432,10 +479,14 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
       return {**scored(mine, variables), "wall_s": wall, "resumed": resumed,
               "step": int(jax.device_get(state.step))}
 
-    cached = _cached(os.path.join(run_dir, "reproduce.json"), pretrain_and_score)
+    cached = _cached_scores(
+        os.path.join(run_dir, "reproduce.json"), {n: union[arch[spec]][n] for n in mine},
+        pretrain_and_score,
+        lambda names: scored({n: mine[n] for n in names},
+                             checkpoint.load_backbone(run_dir)[2]))
     rows.append({"name": method, "seed": seed, "wall_s": cached["wall_s"],
                  **cached["results"]})
-    dense_results[f"{method} s{seed}"] = cached
+    dense_results.setdefault(arch[spec], {})[f"{method} s{seed}"] = cached
     curve = {0: {k: v for k, v in floor_rows[(arch[spec], seed)].items()
                  if "/" in k and not k.startswith("se/")}}
     curve[cached["step"]] = cached["results"]
@@ -467,14 +518,19 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
                                   for name in evaluators[a] if name in curve_evals))
   if curve_keys:
     curve_figure(_mean_curves(curves), curve_keys, curves_figure, floors)
-  dense_ok = {k: v for k, v in dense_results.items() if v.get("dense_predictions") is not None}
-  dense_eval = next((e for a in backbones for e in evaluators[a].values()
-                     if hasattr(e, "evaluate")), None)
-  if dense_ok and dense_eval is not None:
-    test = dense_eval.data()[1]
-    dense_figure(test["images"][:FIGURE_SCENES], test["label_maps"][:FIGURE_SCENES],
-                 {k: np.asarray(v["dense_predictions"]) for k, v in dense_ok.items()},
-                 {k: v["dense_miou"] for k, v in dense_ok.items()}, figure, FIGURE_SCENES)
+  # One block per architecture: each reads its own test scenes (a ResNet's at another size
+  # than a ViT's, so other scenes).
+  panels = []
+  for a, by_name in dense_results.items():
+    ok = {k: v for k, v in by_name.items() if v.get("dense_predictions") is not None}
+    dense_eval = next((e for e in evaluators[a].values() if hasattr(e, "evaluate")), None)
+    if ok and dense_eval is not None:
+      test = dense_eval.data()[1]
+      panels.append((test["images"][:FIGURE_SCENES], test["label_maps"][:FIGURE_SCENES],
+                     {k: np.asarray(v["dense_predictions"]) for k, v in ok.items()},
+                     {k: v["dense_miou"] for k, v in ok.items()}))
+  if panels:
+    dense_figure(panels, figure, FIGURE_SCENES)
   extra = [m for m in one_seed if m not in methods]
   command = (f"python benchmarks/reproduce.py --methods={','.join(methods)} "
              f"--seeds={','.join(map(str, seeds))}"
@@ -508,7 +564,7 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
   if curve_keys:
     section += (f"\nProbe curves over pretraining (mean over seeds): "
                 f"![probe curves]({os.path.relpath(curves_figure, here)})\n")
-  if dense_ok and dense_eval is not None:
+  if panels:
     section += (f"\nDense-probe predictions vs ground truth: "
                 f"![dense probe]({os.path.relpath(figure, here)})\n")
   old = open(results_md).read() if os.path.exists(results_md) else "# Benchmark results\n"

@@ -113,6 +113,10 @@ def fmnist_scenes_overrides(c: ml_collections.ConfigDict) -> None:
   fmnist_scenes_protocol(c)
   c.model.name = "resnet18"
   c.model.width = 16
+  # The dense probe reads scenes at 192 px, where C4 is a 12x12 grid like a ViT/8's at 96 px.
+  # At 96 px (C4 6x6, C5 3x3) it labelled nearly every pixel background for every backbone,
+  # random or pretrained, and could not tell them apart (RESULTS.md §4h).
+  c.evals.dense.image_size = 192
   method_sizes(c, queue_size=2048, hidden=512, bn_groups=4)
 
 
@@ -159,7 +163,7 @@ def fmnist_scenes_protocol(c: ml_collections.ConfigDict) -> None:
   c.evals = ml_collections.ConfigDict(dict(
       linear=dict(type="linear", num_train=5000, num_test=5000, image_size=96, **style),
       knn=dict(type="knn", num_train=5000, num_test=5000, image_size=96, **style),
-      dense=dict(type="dense", num_train=500, num_test=250, steps=300, **style),
+      dense=dict(type="dense", num_train=500, num_test=250, image_size=96, steps=300, **style),
       corr=dict(type="correspondence", num_pairs=128, **style)))
 
 

@@ -56,11 +56,16 @@ def test_evaluate_backbone_and_dense_figure(tmp_path):
 
   truth = scenes.make_scenes(6, seed=0, split="probe_test", size=64)
   path = str(tmp_path / "dense.png")
-  reproduce.dense_figure(truth["images"], truth["label_maps"],
-                         {"random init": dense_result.predictions, "perfect": truth["label_maps"]},
-                         {"random init": dense_result.miou, "perfect": 1.0}, path)
+  other = scenes.make_scenes(6, seed=0, split="probe_test", size=32)
+  reproduce.dense_figure(
+      [(truth["images"], truth["label_maps"],
+        {"random init": dense_result.predictions, "perfect": truth["label_maps"]},
+        {"random init": dense_result.miou, "perfect": 1.0}),
+       # A second architecture's block, on scenes of its own size.
+       (other["images"], other["label_maps"], {"perfect": other["label_maps"]},
+        {"perfect": 1.0})], path)
   png = matplotlib.image.imread(path)
-  assert png.shape[0] > 300 and png[..., :3].std() > 0.05
+  assert png.shape[0] > 1000 and png[..., :3].std() > 0.05  # 7 rows; 4 rows are 748 px
   # Class colours: background black, every garment class its own colour.
   colours = reproduce.colourize(truth["label_maps"][0])
   assert colours.shape == (64, 64, 3)
@@ -107,11 +112,11 @@ def test_method_entries_name_their_variants():
   assert reproduce.parse_method("mocov3:dilemma") == ("mocov3", "mocov3+dilemma")
 
 
-def test_reproduce_end_to_end_on_the_test_variant(tmp_path):
+def test_reproduce_end_to_end_on_the_test_variant(tmp_path, monkeypatch):
   """Two steps each of MoCo-v2 (ResNet) and MoCo v3 + DILEMMA (ViT, first seed only) on the
   `test` variant, tiny evaluators: each method against the random init of its own
   architecture; tables, curves, JSON, figures, section; the same command again reads every
-  result back instead of recomputing it."""
+  result back instead of recomputing it, and re-scores only a probe whose settings changed."""
   results_md = tmp_path / "RESULTS.md"
   results_md.write_text("# Benchmark results\n\nother section\n")
   tiny = {"knn": {"num_train": 40, "num_test": 20, "image_size": 32},
@@ -157,6 +162,25 @@ def test_reproduce_end_to_end_on_the_test_variant(tmp_path):
   (tmp_path / "runs" / "mocov2_seed3" / "checkpoints").rename(tmp_path / "moved")
   again = reproduce.reproduce(str(tmp_path / "runs"), ["mocov2"], [3], **kwargs)
   assert again == rows
+
+  # A changed protocol of one probe: that probe is scored again for every backbone (from the
+  # run's final checkpoint), and the others' numbers are read back.
+  (tmp_path / "moved").rename(tmp_path / "runs" / "mocov2_seed3" / "checkpoints")
+  scored_by = []
+  original = reproduce.evaluate_backbone
+  monkeypatch.setattr(reproduce, "evaluate_backbone",
+                      lambda evaluators, variables: (scored_by.append(sorted(evaluators)),
+                                                     original(evaluators, variables))[1])
+  changed = {**tiny, "dense": {**tiny["dense"], "image_size": 32}}
+  rescored = reproduce.reproduce(str(tmp_path / "runs"), ["mocov2"], [3],
+                                 **{**kwargs, "evals": changed})
+  assert scored_by == [["dense"]] * 5  # 3 floors and 2 runs
+  for old, new in zip(rows, rescored):
+    assert {k: v for k, v in old.items() if "dense" not in k} == {
+        k: v for k, v in new.items() if "dense" not in k}
+  cache = json.loads((tmp_path / "runs" / "mocov2_seed3" / "reproduce.json").read_text())
+  assert cache["evals"]["dense"]["image_size"] == 32
+  assert np.asarray(cache["dense_predictions"]).shape[1:] == (32, 32)
 
 
 def test_a_backbone_variant_of_the_same_name_is_its_own_architecture():
