@@ -336,10 +336,12 @@ def curve_figure(curves: dict[str, dict[int, dict[str, float]]], keys: Sequence[
   architecture's random-init value ({label: results}) as a dashed or dotted line."""
   fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
   for ax, key in zip(axes[0], keys):
-    for name, by_step in curves.items():
+    for i, (name, by_step) in enumerate(curves.items()):
       steps = sorted(s for s, r in by_step.items() if key in r)
       if steps:
-        ax.plot(steps, [by_step[s][key] for s in steps], marker="o", ms=3, label=name)
+        # Past the 10 colours of the cycle, the colours come back dashed.
+        ax.plot(steps, [by_step[s][key] for s in steps], marker="o", ms=3, label=name,
+                color=f"C{i % 10}", linestyle=("-", "--", ":")[i // 10 % 3])
     for i, (label, floor) in enumerate((floors or {}).items()):
       if key in floor:  # Black, then grey, line styles: every floor is drawn, however many.
         ax.axhline(floor[key], color="k" if i < len(FLOOR_STYLES) else "0.55",
@@ -518,17 +520,21 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
                                   for name in evaluators[a] if name in curve_evals))
   if curve_keys:
     curve_figure(_mean_curves(curves), curve_keys, curves_figure, floors)
-  # One block per architecture: each reads its own test scenes (a ResNet's at another size
-  # than a ViT's, so other scenes).
-  panels = []
+  # One block per dense-probe setting: architectures probed alike (the ViTs) share the test
+  # scenes and a block; a ResNet probed at another size reads other scenes.
+  panels = {}
   for a, by_name in dense_results.items():
     ok = {k: v for k, v in by_name.items() if v.get("dense_predictions") is not None}
-    dense_eval = next((e for e in evaluators[a].values() if hasattr(e, "evaluate")), None)
-    if ok and dense_eval is not None:
-      test = dense_eval.data()[1]
-      panels.append((test["images"][:FIGURE_SCENES], test["label_maps"][:FIGURE_SCENES],
-                     {k: np.asarray(v["dense_predictions"]) for k, v in ok.items()},
-                     {k: v["dense_miou"] for k, v in ok.items()}))
+    name = next((n for n, e in evaluators[a].items() if hasattr(e, "evaluate")), None)
+    if not ok or name is None:
+      continue
+    test = evaluators[a][name].data()[1]
+    _, _, predictions, miou = panels.setdefault(
+        json.dumps(union[a][name], sort_keys=True, default=str),
+        (test["images"][:FIGURE_SCENES], test["label_maps"][:FIGURE_SCENES], {}, {}))
+    predictions.update({k: np.asarray(v["dense_predictions"]) for k, v in ok.items()})
+    miou.update({k: v["dense_miou"] for k, v in ok.items()})
+  panels = list(panels.values())
   if panels:
     dense_figure(panels, figure, FIGURE_SCENES)
   extra = [m for m in one_seed if m not in methods]
