@@ -2,7 +2,7 @@
 
     python benchmarks/reproduce.py [--workdir=runs/reproduce] [--methods=mocov2,densecl,houghcl]
         [--seeds=0,1,2] [--one_seed=byol,mocov3,mocov3:dilemma] [--total_steps=N]
-        [--variant=fmnist_scenes] [--curve_points=4]
+        [--variant=fmnist_scenes] [--curve_points=4] [--floor_seeds=N]
 
 For every method and seed: pretrain `configs/<method>.py:<variant>` (the same data and batch
 for all, one backbone and one number of steps per family; resumes an interrupted run;
@@ -11,7 +11,8 @@ backbone with the evaluators of `config.evals` (linear probe and k-NN on held-ou
 dense-probe mIoU and correspondence accuracy on held-out scenes, and what the method's config
 adds, e.g. ConMIM's fine-tuning; see dense_ssl/evaluate), and its intermediate checkpoints with
 the cheap probes (k-NN, linear) for the curves. A randomly initialised backbone of the same
-architecture, one per seed, is the floor; for a BatchNorm network a second reference row
+architecture, one per seed (and seeds 0..N-1 with --floor_seeds=N for the architectures of
+--methods), is the floor; for a BatchNorm network a second reference row
 reads the same weights with running statistics re-estimated on pretraining scenes (the
 eval-mode floor of a random init normalises nothing, RESULTS.md §4b). Every result is cached
 under --workdir: the same command after a kill continues where it stopped. Writes
@@ -373,13 +374,15 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
               figure: str = FIGURE, curves_figure: str = CURVES,
               curve_points: int = 4, curve_evals: Sequence[str] = ("knn", "linear"),
               one_seed: Sequence[str] = (), bn_scenes: int = BN_SCENES,
-              progress: bool = True) -> list[dict[str, Any]]:
+              floor_seeds: int = 0, progress: bool = True) -> list[dict[str, Any]]:
   """Pretrains and evaluates every (method, seed); writes `results_md` and the figures.
 
   `methods` run at every seed, `one_seed` at the first seed only; an entry is a config file's
   name with optional extra variants ("mocov3:dilemma", see `parse_method`). `evals` replaces
   the configs' `config.evals` (default: theirs, else DEFAULT_EVALS). The floor of a method is
-  random init of its own architecture, one per seed; the evaluators are built once per
+  random init of its own architecture, one per seed, and for the architectures of `methods`
+  also seeds 0 .. `floor_seeds` - 1 (random init is cheap to score, and its spread over
+  seeds, not the test sets, limits the verdicts); the evaluators are built once per
   architecture (the union of its methods' `config.evals`), so every backbone of an
   architecture is scored on the same held-out data, and each method by its own evaluators.
   Each run keeps `curve_points` checkpoints, and the `curve_evals` evaluators score each of
@@ -418,12 +421,15 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
       bn_scenes, seed=0, split="pretrain", size=image_size[a],
       background_pool=int(data[a].get("scenes_background_pool", 0)),
       tint=bool(data[a].get("scenes_tint", True)))["images"])
-  floor_seeds = {a: sorted({s for m, s in runs if arch[m] == a}) for a in backbones}
+  extra_floors = {arch[m] for m in methods}
+  init_seeds = {a: sorted({s for m, s in runs if arch[m] == a}
+                          | (set(range(floor_seeds)) if a in extra_floors else set()))
+                for a in backbones}
   random_init = functools.lru_cache(lambda a, seed: features.init_variables(
       backbones[a], seed=seed, image_size=image_size[a]))
-  has_bn = {a: bool(jax.tree.leaves(random_init(a, floor_seeds[a][0])["batch_stats"]))
+  has_bn = {a: bool(jax.tree.leaves(random_init(a, init_seeds[a][0])["batch_stats"]))
             for a in backbones}
-  bar = tqdm(total=len(runs) + sum(len(s) * (1 + has_bn[a]) for a, s in floor_seeds.items()),
+  bar = tqdm(total=len(runs) + sum(len(s) * (1 + has_bn[a]) for a, s in init_seeds.items()),
              unit="run", disable=not progress)
 
   def scored(chosen: dict[str, Any], variables: Any) -> dict[str, Any]:
@@ -436,7 +442,7 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
 
   rows, dense_results, curves, floor_rows = [], {}, {}, {}
   for a, backbone in backbones.items():
-    for seed in floor_seeds[a]:
+    for seed in init_seeds[a]:
       bar.set_description(f"{floor_name[a]} s{seed}")
       cached = _cached_scores(
           os.path.join(workdir, f"random_init_{a}_seed{seed}.json"), union[a],
@@ -542,7 +548,8 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
              f"--seeds={','.join(map(str, seeds))}"
              + (f" --one_seed={','.join(extra)}" if extra else "")
              + (f" --variant={variant}" if variant != "fmnist_scenes" else "")
-             + (f" --total_steps={total_steps}" if total_steps else ""))
+             + (f" --total_steps={total_steps}" if total_steps else "")
+             + (f" --floor_seeds={floor_seeds}" if floor_seeds else ""))
   chance = rows[0].get("corr/chance_acc")
   # Grouped by the budget itself: methods of one architecture may differ in optimiser or lr.
   by_budget = {}
@@ -596,6 +603,8 @@ def _define_flags() -> None:
                       "Where RESULTS.md (its section) and the two figures are written; a "
                       "scratch folder keeps a trial run out of benchmarks/.")
   flags.DEFINE_integer("curve_points", 4, "Checkpoints per run scored for the probe curves.")
+  flags.DEFINE_integer("floor_seeds", 0, "Random-init seeds 0..N-1 for the architectures of "
+                       "--methods, besides the seeds of their runs.")
 
 
 def main(argv):
@@ -605,6 +614,7 @@ def main(argv):
   out = f.out_dir
   reproduce(f.workdir, f.methods, [int(s) for s in f.seeds], variant=f.variant,
             total_steps=f.total_steps, curve_points=f.curve_points, one_seed=f.one_seed,
+            floor_seeds=f.floor_seeds,
             results_md=os.path.join(out, os.path.basename(RESULTS_MD)),
             figure=os.path.join(out, os.path.basename(FIGURE)),
             curves_figure=os.path.join(out, os.path.basename(CURVES)))

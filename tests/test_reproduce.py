@@ -164,7 +164,8 @@ def test_reproduce_end_to_end_on_the_test_variant(tmp_path, monkeypatch):
   assert again == rows
 
   # A changed protocol of one probe: that probe is scored again for every backbone (from the
-  # run's final checkpoint), and the others' numbers are read back.
+  # run's final checkpoint), and the others' numbers are read back. And one more random-init
+  # seed (0) for the architecture of --methods only, scored by every probe.
   (tmp_path / "moved").rename(tmp_path / "runs" / "mocov2_seed3" / "checkpoints")
   scored_by = []
   original = reproduce.evaluate_backbone
@@ -173,9 +174,16 @@ def test_reproduce_end_to_end_on_the_test_variant(tmp_path, monkeypatch):
                                                      original(evaluators, variables))[1])
   changed = {**tiny, "dense": {**tiny["dense"], "image_size": 32}}
   rescored = reproduce.reproduce(str(tmp_path / "runs"), ["mocov2"], [3],
-                                 **{**kwargs, "evals": changed})
-  assert scored_by == [["dense"]] * 5  # 3 floors and 2 runs
-  for old, new in zip(rows, rescored):
+                                 **{**kwargs, "evals": changed, "floor_seeds": 1})
+  everything = sorted(changed)
+  assert scored_by == [everything] * 2 + [["dense"]] * 5  # new floors; 3 old floors, 2 runs
+  assert [(r["name"], r["seed"]) for r in rescored[:2]] == [
+      ("random init (resnet18)", 0), ("random init, BN re-estimated (resnet18)", 0)]
+  text = results_md.read_text()
+  assert "--total_steps=2 --floor_seeds=1`" in text
+  assert re.search(r"\|\s+random init \(resnet18\) \|\s+2 \|", text)  # seeds 0 and 3
+  assert re.search(r"\|\s+random init \(vit_micro8\) \|\s+1 \|", text)
+  for old, new in zip(rows, rescored[2:]):
     assert {k: v for k, v in old.items() if "dense" not in k} == {
         k: v for k, v in new.items() if "dense" not in k}
   cache = json.loads((tmp_path / "runs" / "mocov2_seed3" / "reproduce.json").read_text())
