@@ -229,16 +229,19 @@ def _evaluator_of(key: str) -> str:
   return key.split("/")[1 if key.startswith("se/") else 0]
 
 
-def _cached_scores(path: str, entries: Mapping[str, Any], compute: Any,
-                   rescore: Any) -> dict[str, Any]:
+def _cached_scores(path: str, entries: Mapping[str, Any], rescore: Any,
+                   compute: Any = None) -> dict[str, Any]:
   """`_cached` for a backbone's scores, with each evaluator's settings (`entries`, name ->
-  config entry) kept next to its numbers. An evaluator whose settings changed since, or that
-  a cache from before the settings were kept does not name, is scored again by
-  `rescore(names)` (a `scored`-like dict of those evaluators) and its numbers replaced; the
-  others are read back. A changed protocol of one probe re-scores that probe only, and a
-  number is never read back under settings other than those it was scored with.
+  config entry) kept next to its numbers. `rescore(names)` scores those evaluators (a
+  `scored`-like dict); `compute()`, by default all of them, makes a missing cache (a
+  pretraining run passes its training too). An evaluator whose settings changed since, or
+  that a cache from before the settings were kept does not name, is scored again and its
+  numbers replaced; the others are read back. A changed protocol of one probe re-scores that
+  probe only, and a number is never read back under settings other than those it was scored
+  with.
   """
   entries = json.loads(json.dumps(dict(entries)))  # tuples as lists, as they read back
+  compute = compute or (lambda: rescore(list(entries)))
   result = _cached(path, lambda: {**compute(), "evals": entries})
   stale = [name for name, entry in entries.items() if result.get("evals", {}).get(name) != entry]
   if not stale:
@@ -446,7 +449,6 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
       bar.set_description(f"{floor_name[a]} s{seed}")
       cached = _cached_scores(
           os.path.join(workdir, f"random_init_{a}_seed{seed}.json"), union[a],
-          lambda: scored(evaluators[a], random_init(a, seed)),
           lambda names: scored({n: evaluators[a][n] for n in names}, random_init(a, seed)))
       floor_rows[(a, seed)] = {"name": floor_name[a], "seed": seed, **cached["results"]}
       rows.append(floor_rows[(a, seed)])
@@ -463,7 +465,6 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
 
       cached = _cached_scores(
           os.path.join(workdir, f"random_init_bn_{a}_seed{seed}.json"), union[a],
-          lambda: scored(evaluators[a], normalised()),
           lambda names: scored({n: evaluators[a][n] for n in names}, normalised()))
       rows.append({"name": bn_floor_name[a], "seed": seed, **cached["results"]})
       bar.update()
@@ -489,9 +490,8 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
 
     cached = _cached_scores(
         os.path.join(run_dir, "reproduce.json"), {n: union[arch[spec]][n] for n in mine},
-        pretrain_and_score,
-        lambda names: scored({n: mine[n] for n in names},
-                             checkpoint.load_backbone(run_dir)[2]))
+        lambda names: scored({n: mine[n] for n in names}, checkpoint.load_backbone(run_dir)[2]),
+        pretrain_and_score)
     rows.append({"name": method, "seed": seed, "wall_s": cached["wall_s"],
                  **cached["results"]})
     dense_results.setdefault(arch[spec], {})[f"{method} s{seed}"] = cached
@@ -534,10 +534,11 @@ def reproduce(workdir: str, methods: Sequence[str], seeds: Sequence[int], *,
     name = next((n for n, e in evaluators[a].items() if hasattr(e, "evaluate")), None)
     if not ok or name is None:
       continue
-    test = evaluators[a][name].data()[1]
-    _, _, predictions, miou = panels.setdefault(
-        json.dumps(union[a][name], sort_keys=True, default=str),
-        (test["images"][:FIGURE_SCENES], test["label_maps"][:FIGURE_SCENES], {}, {}))
+    key = json.dumps(union[a][name], sort_keys=True, default=str)
+    if key not in panels:
+      test = evaluators[a][name].data()[1]
+      panels[key] = (test["images"][:FIGURE_SCENES], test["label_maps"][:FIGURE_SCENES], {}, {})
+    _, _, predictions, miou = panels[key]
     predictions.update({k: np.asarray(v["dense_predictions"]) for k, v in ok.items()})
     miou.update({k: v["dense_miou"] for k, v in ok.items()})
   panels = list(panels.values())
